@@ -1,0 +1,93 @@
+"""Orbax checkpoints: train state + data-iterator state + resolved config, async, keep-N.
+
+Every step directory is written under a temporary name and committed with a marker file
+(`CommitFileTemporaryPath`), so a save killed mid-write never counts as a checkpoint. Restores go
+through an abstract target that carries the target shardings, so a checkpoint saved on one mesh
+restores on another mesh or on a single CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.path import atomicity
+
+log = logging.getLogger(__name__)
+
+ITEMS = ("state", "data", "config")
+
+
+class CheckpointCorrupt(RuntimeError):
+    """A step directory exists but cannot be restored."""
+
+
+class Checkpointer:
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            temporary_path_class=atomicity.CommitFileTemporaryPath,
+        )  # fmt: skip
+        self.mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def steps(self) -> list[int]:
+        self.mngr.reload()
+        return sorted(self.mngr.all_steps())
+
+    def save(self, step: int, state, data_iter, config_json: str) -> None:
+        args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(json.loads(config_json))}
+        if data_iter is not None:
+            args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        self.mngr.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def wait(self) -> None:
+        self.mngr.wait_until_finished()
+
+    def restore(self, step: int, abstract_state, data_iter=None):
+        """(state, config dict) at `step`; data_iter (if given) is restored in place."""
+        args = {"state": ocp.args.StandardRestore(abstract_state), "config": ocp.args.JsonRestore()}
+        if data_iter is not None:
+            args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        try:
+            out = self.mngr.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # orbax raises many types for damaged directories
+            raise CheckpointCorrupt(f"checkpoint {self.directory}/{step} cannot be restored: {e}") from e
+        _verify(out["state"], abstract_state, step)
+        return out["state"], out["config"]
+
+    def restore_latest(self, abstract_state, data_iter=None):
+        """Newest restorable checkpoint, skipping damaged ones (reported by name); None if none."""
+        for step in reversed(self.steps()):
+            try:
+                state, cfg = self.restore(step, abstract_state, data_iter)
+                return step, state, cfg
+            except CheckpointCorrupt as e:
+                log.error("%s; falling back to an older checkpoint", e)
+        return None
+
+    def read_config(self, step: int | None = None) -> dict:
+        step = self.steps()[-1] if step is None else step
+        out = self.mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return out["config"]
+
+    def close(self) -> None:
+        self.mngr.wait_until_finished()
+        self.mngr.close()
+
+
+def _verify(state, abstract_state, step: int) -> None:
+    """The restored tree must have the target's structure, shapes and dtypes."""
+    got = jax.tree.structure(state)
+    want = jax.tree.structure(abstract_state)
+    if got != want:
+        raise CheckpointCorrupt(f"checkpoint step {step}: restored tree structure differs from the model's")
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(abstract_state)):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise CheckpointCorrupt(
+                f"checkpoint step {step}: array {a.shape} {a.dtype} where the model has {b.shape} {b.dtype}"
+            )

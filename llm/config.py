@@ -1,0 +1,179 @@
+"""Run configuration: ml_collections at the edge, frozen validated dataclasses inside.
+
+`from_config_dict(config_dict)` converts a `ConfigDict` (from `configs/*.py` plus command-line
+overrides) into a `RunConfig`, rejecting unknown keys, wrong types and impossible combinations
+before anything is compiled. Library code receives only the dataclass it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm.model.config import AttentionConfig, ModelConfig
+from llm.registry import ConfigError, did_you_mean
+from llm.sharding import MeshConfig
+
+TOKENIZER_KINDS = ("sentencepiece", "byte")
+SP_MODEL_TYPES = ("bpe", "unigram")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    kind: str = "sentencepiece"  # sentencepiece | byte
+    vocab_size: int = 2048  # sentencepiece only
+    model_type: str = "bpe"  # bpe | unigram
+    byte_fallback: bool = True
+    path: str | None = None  # an existing .model file to use instead of training one
+
+    def __post_init__(self):
+        if self.kind not in TOKENIZER_KINDS:
+            raise ConfigError(f"unknown data.tokenizer.kind {self.kind!r}; valid choices: "
+                              f"{', '.join(TOKENIZER_KINDS)}." + did_you_mean(self.kind, list(TOKENIZER_KINDS)))  # fmt: skip
+        if self.model_type not in SP_MODEL_TYPES:
+            raise ConfigError(f"unknown data.tokenizer.model_type {self.model_type!r}; valid "
+                              f"choices: {', '.join(SP_MODEL_TYPES)}")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Text corpus -> tokens -> packed windows of seq_len (+1 for the shifted targets)."""
+
+    corpus: str = "builtin:tinyshakespeare.txt"  # comma-separated paths/globs (.txt, .jsonl)
+    eval_corpus: str | None = None  # None = hold out eval_fraction of the corpus
+    eval_fraction: float = 0.1
+    text_field: str = "text"  # JSONL field holding the document text
+    seq_len: int = 256
+    seed: int = 0
+    worker_threads: int = 2  # grain prefetch threads
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def __post_init__(self):
+        if self.seq_len <= 0:
+            raise ConfigError("data.seq_len must be > 0")
+        if not 0.0 < self.eval_fraction < 1.0 and self.eval_corpus is None:
+            raise ConfigError("data.eval_fraction must be in (0, 1) (or set data.eval_corpus)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay; parameter groups decide weight decay."""
+
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at train.steps
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # global-norm clipping; 0 disables
+    decay_embeddings: bool = False  # also decay embedding tables
+    decay_norms_and_biases: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global, in sequences
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200  # 0 = only at the end
+    eval_batches: int = 0  # 0 = the whole held-out split
+    eval_batch_size: int = 0  # 0 = batch_size
+    nan_policy: str = "stop"  # stop | skip
+    progress: bool = True  # tqdm progress bar on the console
+    distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 200  # steps between saves (0 = only at the end / on signals)
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def __post_init__(self):
+        t, d, m = self.train, self.data, self.model
+        if t.batch_size % t.grad_accum:
+            raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
+                              f"train.grad_accum={t.grad_accum}")  # fmt: skip
+        if d.seq_len > m.max_seq_len:
+            raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len="
+                              f"{m.max_seq_len}; raise model.max_seq_len or lower data.seq_len")  # fmt: skip
+        if t.nan_policy not in ("stop", "skip"):
+            raise ConfigError(f"unknown train.nan_policy {t.nan_policy!r}; valid choices: stop, skip")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def from_dict(cls, d: dict[str, Any], path: str = ""):
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys with 'did you mean'."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in d.items():
+        where = f"{path}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {where!r}; valid keys here: {', '.join(names)}."
+                              + did_you_mean(key, names))  # fmt: skip
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {where!r} must be a section, got {value!r}")
+            value = from_dict(typ, value, where + ".")
+        else:
+            value = _coerce(value, typ, where)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _coerce(value, typ, where: str):
+    """Check scalar types (ml_collections already type-checks overrides of existing keys)."""
+    if typing.get_origin(typ) not in (None, typing.Union, types.UnionType):
+        return value  # containers (e.g. mesh.rules) are checked by their dataclass
+    base = [t for t in typing.get_args(typ) if t is not type(None)] or [typ]
+    if value is None:
+        return None
+    want = base[0]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want in (int, float, str, bool) and not isinstance(value, want):
+        raise ConfigError(f"config key {where!r} must be {want.__name__}, got {value!r}")
+    if want is int and isinstance(value, bool):
+        raise ConfigError(f"config key {where!r} must be int, got {value!r}")
+    return value
+
+
+def from_config_dict(cd) -> RunConfig:
+    """ConfigDict (or plain dict) -> RunConfig. Raises ConfigError naming the field and the fix."""
+    d = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
+    return from_dict(RunConfig, d)
+
+
+def from_json(text: str) -> RunConfig:
+    return from_dict(RunConfig, json.loads(text))
+
+
+__all__ = [
+    "AttentionConfig", "CheckpointConfig", "ConfigError", "DataConfig", "MeshConfig",
+    "ModelConfig", "OptimConfig", "RunConfig", "TokenizerConfig", "TrainConfig",
+    "from_config_dict", "from_json",
+]  # fmt: skip

@@ -1,0 +1,1 @@
+"""Data: tokenizers, text sources, packing and grain pipelines."""

@@ -1,0 +1,113 @@
+"""Tokenize -> pack into windows (segment ids, positions) -> shuffle -> batch -> shard by process.
+
+The token stream is every document followed by EOS, concatenated; window i holds tokens
+[i*T, i*T + T] (T+1 tokens: inputs and the shifted targets). `segment_ids` number the documents
+so attention never crosses a document boundary, and `positions` restart at each document start
+(or at the window start). A target is scored only if it belongs to the same document as its input.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import grain
+import numpy as np
+
+from llm.data.tokenizers import Tokenizer
+
+FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+
+
+def tokenize(docs: list[str], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [N], segment [N]): each document's ids plus EOS; segment = document number (>= 1)."""
+    encoded = grain.MapDataset.source(docs).map(lambda d: np.asarray(tok.encode(d) + [tok.eos_id]))
+    parts = list(encoded)
+    ids = np.concatenate(parts).astype(np.int32)
+    seg = np.concatenate([np.full(len(p), i + 1, np.int32) for i, p in enumerate(parts)])
+    return ids, seg
+
+
+class PackedWindows:
+    """Random access to fixed-length windows of the token stream (a grain data source)."""
+
+    def __init__(self, ids: np.ndarray, seg: np.ndarray, seq_len: int, include_partial: bool):
+        self.ids, self.seg, self.seq_len = ids, seg, seq_len
+        full = max(0, (len(ids) - 1) // seq_len)
+        partial = include_partial and (len(ids) - 1) % seq_len > 0
+        self.n = full + int(partial)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        t = self.seq_len
+        chunk = self.ids[i * t : i * t + t + 1]
+        seg = self.seg[i * t : i * t + t + 1]
+        if len(chunk) < t + 1:  # last, partial window (eval only): pad with segment 0
+            pad = t + 1 - len(chunk)
+            chunk, seg = np.pad(chunk, (0, pad)), np.pad(seg, (0, pad))
+        return make_example(chunk, seg)
+
+
+def make_example(chunk: np.ndarray, seg: np.ndarray) -> dict[str, np.ndarray]:
+    seg_in, seg_tgt = seg[:-1], seg[1:]
+    idx = np.arange(len(seg_in))
+    starts = np.where(np.concatenate([[True], seg_in[1:] != seg_in[:-1]]), idx, 0)
+    positions = idx - np.maximum.accumulate(starts)
+    return {
+        "tokens": chunk[:-1].astype(np.int32),
+        "targets": chunk[1:].astype(np.int32),
+        "positions": positions.astype(np.int32),
+        "segment_ids": seg_in.astype(np.int32),
+        "loss_mask": ((seg_in == seg_tgt) & (seg_in > 0)).astype(np.int32),
+    }
+
+
+def stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([e[k] for e in examples]) for k in FIELDS}
+
+
+def train_dataset(
+    windows: PackedWindows, global_batch: int, seed: int, process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:  # fmt: skip
+    """Infinite, seeded, reshuffled each epoch; yields this process's rows of each global batch.
+
+    Global batch j is windows order[j*B:(j+1)*B]; process p reads only rows [p*B/P, (p+1)*B/P),
+    so any process count sees the same global batches in the same row order.
+    """
+    if len(windows) < global_batch:
+        raise ValueError(
+            f"the training split has {len(windows)} windows of data.seq_len={windows.seq_len} "
+            f"tokens, fewer than one batch (train.batch_size={global_batch}); use a larger "
+            f"corpus, a smaller batch or a shorter seq_len"
+        )
+    local = global_batch // process_count
+    lo = process_index * local
+    order = grain.MapDataset.range(len(windows)).shuffle(seed=seed).repeat(None)
+    return (
+        order.batch(global_batch, drop_remainder=True)
+        .map(lambda idx: idx[lo : lo + local])
+        .map(lambda idx: stack([windows[int(i)] for i in idx]))
+    )
+
+
+def train_iterator(ds: grain.MapDataset, threads: int):
+    """A checkpointable grain iterator (get_state/set_state) with background prefetch."""
+    opts = grain.ReadOptions(num_threads=max(threads, 0), prefetch_buffer_size=max(2 * threads, 1))
+    return iter(ds.to_iter_dataset(read_options=opts))
+
+
+def eval_batches(
+    windows: PackedWindows, global_batch: int, process_index: int = 0, process_count: int = 1,
+    max_batches: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
+    """The held-out windows in order, this process's rows, the last batch padded (loss_mask 0)."""
+    local = global_batch // process_count
+    n_batches = -(-len(windows) // global_batch)
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    empty = make_example(np.zeros(windows.seq_len + 1, np.int32), np.zeros(windows.seq_len + 1, np.int32))
+    for b in range(n_batches):
+        rows = range(b * global_batch + process_index * local, b * global_batch + (process_index + 1) * local)
+        yield stack([windows[i] if i < len(windows) else empty for i in rows])

@@ -1,0 +1,6 @@
+"""Model: config dataclasses, the transformer and its variant registries."""
+
+from llm.model.config import AttentionConfig, ModelConfig
+from llm.model.transformer import Transformer
+
+__all__ = ["AttentionConfig", "ModelConfig", "Transformer"]

@@ -1,0 +1,98 @@
+"""Causal self-attention with MHA/GQA/MQA head layouts and pluggable score implementations."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from llm.sharding import constrain
+from llm.model.config import ModelConfig
+from llm.model.layers import dtypes, init, out_proj_std, zeros
+from llm.model.positional import Positional
+from llm.model.registries import ATTENTION, ATTENTION_IMPL
+
+NEG_INF = -1e30  # finite: a fully masked row gives a uniform row, not NaN
+
+
+@ATTENTION_IMPL.register("einsum")
+def einsum_attention(module, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, deterministic):
+    """Reference implementation: fp32 scores and softmax, GQA by grouping query heads."""
+    b, t, n, h = q_BTNH.shape
+    kv = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
+    scores_BKGTS = jnp.einsum(
+        "btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
+    ) * (h**-0.5)
+    if bias_BNTS is not None:
+        scores_BKGTS = scores_BKGTS + bias_BNTS.reshape(b, kv, n // kv, t, -1)
+    scores_BKGTS = jnp.where(mask_B1TS[:, :, None], scores_BKGTS, NEG_INF)
+    # Softmax in fp32: bf16 loses the small probabilities of long rows.
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1)
+    module.sow("intermediates", "attn_probs", probs_BKGTS.reshape(b, n, t, -1))
+    rate = module.attn_cfg.dropout
+    if rate > 0 and not deterministic:
+        probs_BKGTS = nn.Dropout(rate, name="attn_dropout")(probs_BKGTS, deterministic=False)
+    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
+    return out_BTKGH.reshape(b, t, n, h)
+
+
+@ATTENTION_IMPL.register("jax")
+def jax_attention(module, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, deterministic):
+    """jax.nn.dot_product_attention: XLA's fused path on CPU/TPU, cuDNN flash on GPU via XLA."""
+    if module.attn_cfg.dropout > 0 and not deterministic:
+        raise ValueError("model.attention.impl=jax has no attention dropout; use impl=einsum")
+    out = jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH,
+        bias=None if bias_BNTS is None else bias_BNTS.astype(q_BTNH.dtype),
+        mask=mask_B1TS,
+    )  # fmt: skip
+    return out
+
+
+@ATTENTION.register("causal")
+class CausalSelfAttention(nn.Module):
+    """Projections to N query and K key/value heads, positional rotation, scores, output proj."""
+
+    cfg: ModelConfig
+
+    @property
+    def attn_cfg(self):
+        return self.cfg.attention
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, mask_B1TS, bias_BNTS, deterministic: bool = True):
+        cfg, a = self.cfg, self.cfg.attention
+        dtype, pdtype = dtypes(cfg)
+        n, kv, h = a.n_heads, a.kv_heads, cfg.head_dim
+        pos: Positional = _positional(cfg)
+
+        def proj(heads, head_axis, name):
+            return nn.DenseGeneral(
+                (heads, h), use_bias=cfg.use_bias, dtype=dtype, param_dtype=pdtype, name=name,
+                kernel_init=init(cfg.init_std, ("embed", head_axis, "head_dim")),
+                bias_init=zeros((head_axis, "head_dim")),
+            )(x_BTD)  # fmt: skip
+
+        q_BTNH = pos.rotate(proj(n, "heads", "query"), positions_BT)
+        k_BSKH = pos.rotate(proj(kv, "kv_heads", "key"), positions_BT)
+        v_BSKH = proj(kv, "kv_heads", "value")
+        q_BTNH = constrain(q_BTNH, ("batch", "length", "act_heads", None))
+        k_BSKH = constrain(k_BSKH, ("batch", "length", "act_kv_heads", None))
+        v_BSKH = constrain(v_BSKH, ("batch", "length", "act_kv_heads", None))
+
+        impl = ATTENTION_IMPL.get(a.impl, "model.attention.impl")
+        out_BTNH = impl(self, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, deterministic)
+        out_BTNH = checkpoint_name(out_BTNH, "attention_out")
+        return nn.DenseGeneral(
+            cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=dtype, param_dtype=pdtype,
+            kernel_init=init(out_proj_std(cfg), ("heads", "head_dim", "embed")),
+            bias_init=zeros(("embed",)), name="out",
+        )(out_BTNH)  # fmt: skip
+
+
+def _positional(cfg: ModelConfig) -> Positional:
+    from llm.model.registries import POSITIONAL  # noqa: PLC0415
+
+    return POSITIONAL.get(cfg.positional, "model.positional")(cfg)

@@ -1,0 +1,106 @@
+"""Frozen, validated model configuration (the library never sees an ml_collections object).
+
+Shape legend used across the model code: B batch, T query length, S key length, D model dim,
+N query heads, K kv heads, G query heads per kv head (N = K*G), H head dim, F ffn dim, V vocab,
+L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from llm.registry import ConfigError
+
+NORM_POSITIONS = ("pre", "post")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Self-attention: head layout (MHA/GQA/MQA), kind and implementation."""
+
+    kind: str = "causal"  # registry ATTENTION (llm/model/attention.py)
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None = n_heads (MHA); 1 = MQA; else GQA
+    head_dim: int | None = None  # None = d_model // n_heads
+    dropout: float = 0.0  # on attention probabilities
+    impl: str = "einsum"  # registry ATTENTION_IMPL: einsum | jax (jax.nn.dot_product_attention)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer. Every field is a command-line flag under `model.`."""
+
+    vocab_size: int | None = None  # None = the tokenizer's size rounded up to a multiple of 64
+    d_model: int = 128
+    n_layers: int = 2
+    d_ff: int | None = None  # None = 4*d_model (gelu) or 8/3*d_model rounded to 64 (swiglu)
+    max_seq_len: int = 256  # size of the learned position table; bound for generation
+    positional: str = "learned"  # learned | sinusoidal | rope | alibi | none
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"  # pre | post
+    mlp: str = "gelu"  # gelu | swiglu
+    use_bias: bool = True
+    dropout: float = 0.0  # embedding and residual dropout
+    tie_embeddings: bool = True
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+    scan_layers: bool = False  # nn.scan over layers: one compiled block, faster compile
+    remat: str = "none"  # registry REMAT (llm/model/transformer.py)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+
+    def __post_init__(self):
+        a = self.attention
+        _check(self.d_model > 0 and self.n_layers > 0, "model.d_model and model.n_layers must be > 0")
+        _check(a.n_heads > 0, "model.attention.n_heads must be > 0")
+        if a.head_dim is None:
+            _check(
+                self.d_model % a.n_heads == 0,
+                f"model.d_model={self.d_model} is not divisible by model.attention.n_heads="
+                f"{a.n_heads}; choose n_heads dividing d_model or set model.attention.head_dim",
+            )
+        _check(
+            a.n_heads % a.kv_heads == 0,
+            f"model.attention.n_heads={a.n_heads} is not divisible by model.attention.n_kv_heads="
+            f"{a.kv_heads}; n_kv_heads must divide n_heads (1 = MQA, n_heads = MHA)",
+        )
+        _check(self.norm_position in NORM_POSITIONS,
+               f"unknown model.norm_position {self.norm_position!r}; valid choices: pre, post")
+        for name in ("dtype", "param_dtype"):
+            v = getattr(self, name)
+            _check(v in DTYPES, f"unknown model.{name} {v!r}; valid choices: {', '.join(DTYPES)}")
+        _check(0.0 <= self.dropout < 1.0 and 0.0 <= a.dropout < 1.0, "dropout must be in [0, 1)")
+        if self.positional == "rope":
+            _check(self.head_dim % 2 == 0, f"rope needs an even head_dim, got {self.head_dim}")
+        # Registry names are checked here too so a bad flag fails before any tracing.
+        from llm.model import registries  # noqa: PLC0415 (avoid an import cycle)
+
+        registries.check_model_names(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention.head_dim or self.d_model // self.attention.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            return 64 * -(-int(8 * self.d_model / 3) // 64)
+        return 4 * self.d_model
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)

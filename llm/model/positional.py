@@ -1,0 +1,103 @@
+"""Positional encodings: learned, sinusoidal, RoPE, ALiBi, none.
+
+Each kind is a stateless strategy with three hooks, so layers never branch on the kind's name:
+- `embed(positions_BT, d_model)`: an additive input embedding (or None);
+- `rotate(x_BTNH, positions_BT)`: a rotation of queries/keys (identity unless RoPE);
+- `bias(q_pos_BT, k_pos_BS, n_heads)`: an additive attention-logit bias (or None).
+The learned table is the one kind with parameters; the transformer owns it (`learned_table`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from llm.model.registries import POSITIONAL
+
+
+class Positional:
+    """No positional information (`none`); the base of the other kinds."""
+
+    learned_table = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def embed(self, positions_BT, d_model: int):
+        return None
+
+    def rotate(self, x_BTNH, positions_BT):
+        return x_BTNH
+
+    def bias(self, q_pos_BT, k_pos_BS, n_heads: int):
+        return None
+
+
+POSITIONAL.register("none")(Positional)
+
+
+@POSITIONAL.register("learned")
+class Learned(Positional):
+    """GPT-2 style learned absolute positions (the table lives in the transformer)."""
+
+    learned_table = True
+
+
+def sinusoidal_table(positions_BT, d_model: int):
+    """Vaswani et al.: sin on even channels, cos on odd channels, wavelengths up to 10000*2pi."""
+    half = d_model // 2
+    inv_freq = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    emb = jnp.stack([jnp.sin(angles_BTh), jnp.cos(angles_BTh)], axis=-1)  # interleave sin/cos
+    emb = emb.reshape(*positions_BT.shape, 2 * half)
+    if d_model % 2:
+        emb = jnp.pad(emb, [(0, 0)] * (emb.ndim - 1) + [(0, 1)])
+    return emb
+
+
+@POSITIONAL.register("sinusoidal")
+class Sinusoidal(Positional):
+    def embed(self, positions_BT, d_model: int):
+        return sinusoidal_table(positions_BT, d_model)
+
+
+def apply_rope(x_BTNH, positions_BT, theta: float):
+    """Rotate channel pairs (i, i + H/2) by angle pos * theta^(-2i/H) (the Llama/NeoX layout)."""
+    h = x_BTNH.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    sin = jnp.sin(angles_BTh)[:, :, None, :]
+    cos = jnp.cos(angles_BTh)[:, :, None, :]
+    x = x_BTNH.astype(jnp.float32)
+    x1, x2 = x[..., : h // 2], x[..., h // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+@POSITIONAL.register("rope")
+class Rope(Positional):
+    def rotate(self, x_BTNH, positions_BT):
+        return apply_rope(x_BTNH, positions_BT, self.cfg.rope_theta)
+
+
+def alibi_slopes(n_heads: int) -> np.ndarray:
+    """Press et al.: geometric slopes 2^(-8i/n); for non-powers of two, interleave the next power."""
+
+    def pow2(n):
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        return np.asarray(pow2(n_heads), np.float32)
+    p = 2 ** math.floor(math.log2(n_heads))
+    return np.asarray(pow2(p) + pow2(2 * p)[0::2][: n_heads - p], np.float32)
+
+
+@POSITIONAL.register("alibi")
+class Alibi(Positional):
+    def bias(self, q_pos_BT, k_pos_BS, n_heads: int):
+        slopes_N = jnp.asarray(alibi_slopes(n_heads))
+        dist_BTS = (k_pos_BS[:, None, :] - q_pos_BT[:, :, None]).astype(jnp.float32)  # <= 0 causal
+        return slopes_N[None, :, None, None] * dist_BTS[:, None, :, :]  # B N T S

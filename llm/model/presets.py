@@ -1,0 +1,39 @@
+"""Published model shapes, as overrides of the `model` config section."""
+
+from __future__ import annotations
+
+_GPT2 = dict(
+    vocab_size=50257, max_seq_len=1024, positional="learned", norm="layernorm",
+    norm_position="pre", mlp="gelu", use_bias=True, tie_embeddings=True, norm_eps=1e-5,
+)  # fmt: skip
+_LLAMA2 = dict(
+    vocab_size=32000, max_seq_len=4096, positional="rope", rope_theta=10000.0, norm="rmsnorm",
+    norm_position="pre", mlp="swiglu", use_bias=False, tie_embeddings=False, norm_eps=1e-5,
+)  # fmt: skip
+
+
+def _gpt2(d, layers, heads):
+    return dict(_GPT2, d_model=d, n_layers=layers, attention=dict(n_heads=heads, n_kv_heads=heads))
+
+
+def _llama(d, layers, heads, kv, ff):
+    return dict(_LLAMA2, d_model=d, n_layers=layers, d_ff=ff,
+                attention=dict(n_heads=heads, n_kv_heads=kv))  # fmt: skip
+
+
+PRESETS: dict[str, dict] = {
+    "gpt2-124m": _gpt2(768, 12, 12),
+    "gpt2-355m": _gpt2(1024, 24, 16),
+    "gpt2-774m": _gpt2(1280, 36, 20),
+    "gpt2-1.5b": _gpt2(1600, 48, 25),
+    "llama2-7b": _llama(4096, 32, 32, 32, 11008),
+    "llama2-13b": _llama(5120, 40, 40, 40, 13824),
+    "llama2-70b": _llama(8192, 80, 64, 8, 28672),
+    # ~1B Llama-style model for GPU throughput work (not a published checkpoint).
+    "llama-1b": _llama(2048, 16, 16, 8, 5632),
+    # Tiny shapes for tests and smoke runs (vocab from the tokenizer).
+    "tiny-gpt2": dict(_GPT2, vocab_size=None, max_seq_len=128, d_model=64, n_layers=2,
+                      attention=dict(n_heads=4, n_kv_heads=4)),
+    "tiny-llama": dict(_LLAMA2, vocab_size=None, max_seq_len=128, d_model=64, n_layers=2,
+                       d_ff=192, attention=dict(n_heads=4, n_kv_heads=2)),
+}  # fmt: skip

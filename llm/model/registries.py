@@ -1,0 +1,28 @@
+"""The model's registries, one per axis of variation. Implementations register themselves."""
+
+from __future__ import annotations
+
+from llm.registry import Registry
+
+POSITIONAL: Registry = Registry("positional encoding")  # llm/model/positional.py
+NORM: Registry = Registry("norm")  # llm/model/layers.py
+MLP: Registry = Registry("mlp")  # llm/model/layers.py
+ATTENTION: Registry = Registry("attention kind")  # llm/model/attention.py
+ATTENTION_IMPL: Registry = Registry("attention implementation")  # llm/model/attention.py
+REMAT: Registry = Registry("remat policy")  # llm/model/transformer.py
+
+
+def _load_all() -> None:
+    # Importing the modules fills the registries.
+    from llm.model import attention, layers, positional, transformer  # noqa: F401, PLC0415
+
+
+def check_model_names(cfg) -> None:
+    """Raise ConfigError naming the valid choices for any unknown variant name in `cfg`."""
+    _load_all()
+    POSITIONAL.get(cfg.positional, "model.positional")
+    NORM.get(cfg.norm, "model.norm")
+    MLP.get(cfg.mlp, "model.mlp")
+    REMAT.get(cfg.remat, "model.remat")
+    ATTENTION.get(cfg.attention.kind, "model.attention.kind")
+    ATTENTION_IMPL.get(cfg.attention.impl, "model.attention.impl")

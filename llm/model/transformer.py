@@ -1,0 +1,124 @@
+"""The decoder-only transformer: embeddings, a stack of blocks (optionally scanned/rematted), head."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm.sharding import constrain
+from llm.model.attention import _positional
+from llm.model.config import ModelConfig
+from llm.model.layers import dtypes, init, make_norm
+from llm.model.registries import ATTENTION, MLP, REMAT
+
+# Remat policies: what the backward pass may keep instead of recomputing. "none" = no remat.
+REMAT.register("none")(None)
+REMAT.register("full")(lambda: None)  # save nothing: recompute the whole block
+REMAT.register("dots")(lambda: jax.checkpoint_policies.checkpoint_dots)
+REMAT.register("dots_no_batch")(lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+REMAT.register("attention_out")(
+    lambda: jax.checkpoint_policies.save_only_these_names("attention_out")
+)
+
+
+class Block(nn.Module):
+    """One transformer layer: attention and MLP, each a residual branch (pre- or post-norm)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, mask_B1TS, bias_BNTS, deterministic: bool):
+        cfg = self.cfg
+        attn = ATTENTION.get(cfg.attention.kind, "model.attention.kind")(cfg, name="attn")
+        mlp = MLP.get(cfg.mlp, "model.mlp")(cfg, name="mlp")
+        norm1, norm2 = make_norm(cfg, "norm_attn"), make_norm(cfg, "norm_mlp")
+        drop = nn.Dropout(cfg.dropout)
+
+        def attn_branch(h):
+            return drop(attn(h, positions_BT, mask_B1TS, bias_BNTS, deterministic), deterministic)
+
+        if cfg.norm_position == "pre":
+            x_BTD = x_BTD + attn_branch(norm1(x_BTD))
+            x_BTD = x_BTD + drop(mlp(norm2(x_BTD)), deterministic)
+        else:  # post-norm (original Transformer / GPT-1)
+            x_BTD = norm1(x_BTD + attn_branch(x_BTD))
+            x_BTD = norm2(x_BTD + drop(mlp(x_BTD), deterministic))
+        return constrain(x_BTD, ("batch", "length", "act_embed"))
+
+
+def attention_mask(segment_ids_BT):
+    """Causal mask that also keeps tokens of different packed documents apart: B 1 T S (bool)."""
+    t = segment_ids_BT.shape[1]
+    causal_TS = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    same_doc_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return (causal_TS[None] & same_doc_BTS)[:, None]
+
+
+class Transformer(nn.Module):
+    """tokens B T -> logits B T V. `positions` restart at 0 in each packed document."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, deterministic=True):
+        cfg = self.cfg
+        dtype, pdtype = dtypes(cfg)
+        b, t = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((b, t), jnp.int32)
+        pos = _positional(cfg)
+
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype, name="embed",
+            embedding_init=init(cfg.init_std, ("vocab", "embed")),
+        )  # fmt: skip
+        x_BTD = embed(tokens_BT)
+        if pos.learned_table:
+            x_BTD = x_BTD + nn.Embed(
+                cfg.max_seq_len, cfg.d_model, dtype=dtype, param_dtype=pdtype, name="pos_embed",
+                embedding_init=init(cfg.init_std / 2, ("positions", "embed")),
+            )(positions_BT)  # fmt: skip
+        table_BTD = pos.embed(positions_BT, cfg.d_model)
+        if table_BTD is not None:
+            x_BTD = x_BTD + table_BTD.astype(dtype)
+        x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic)
+        x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
+
+        mask_B1TS = attention_mask(segment_ids_BT)
+        bias_BNTS = pos.bias(positions_BT, positions_BT, cfg.attention.n_heads)
+
+        block_cls = Block
+        policy = REMAT.get(cfg.remat, "model.remat")
+        if policy is not None:
+            # deterministic is the last positional argument and must stay a Python bool.
+            block_cls = nn.remat(Block, policy=policy(), prevent_cse=not cfg.scan_layers,
+                                 static_argnums=(-1,))  # fmt: skip
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                lambda blk, x, *args: (blk(x, *args, deterministic), None),
+                variable_axes={"params": 0, "intermediates": 0, "losses": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x_BTD, _ = scanned(block_cls(cfg, name="layers"), x_BTD, positions_BT, mask_B1TS, bias_BNTS)
+        else:
+            for i in range(cfg.n_layers):
+                x_BTD = block_cls(cfg, name=f"layer_{i}")(
+                    x_BTD, positions_BT, mask_B1TS, bias_BNTS, deterministic
+                )
+
+        if cfg.norm_position == "pre":
+            x_BTD = make_norm(cfg, "norm_final")(x_BTD)
+        if cfg.tie_embeddings:
+            logits_BTV = embed.attend(x_BTD)
+        else:
+            logits_BTV = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype, name="lm_head",
+                kernel_init=init(cfg.init_std, ("embed", "vocab")),
+            )(x_BTD)  # fmt: skip
+        return constrain(logits_BTV, ("batch", "length", "act_vocab"))

@@ -1,0 +1,33 @@
+"""Process-level setup: compilation cache, quiet logs, optional jax.distributed."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+
+def setup(cache_dir: str | None = None) -> None:
+    """Persistent compilation cache (re-runs skip compiling) and quieter third-party logs."""
+    cache_dir = cache_dir or os.environ.get("LLM_COMPILATION_CACHE", os.path.expanduser("~/.cache/llm-jax"))
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    for name in ("absl", "orbax", "jax._src.xla_bridge"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def init_distributed() -> None:
+    """Join the multi-controller runtime: env-driven on TPU pods / SLURM, or explicit via
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (see launch/)."""
+    if jax.distributed.is_initialized():
+        return
+    addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if addr:
+        jax.distributed.initialize(
+            coordinator_address=addr,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    else:
+        jax.distributed.initialize()

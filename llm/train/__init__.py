@@ -1,0 +1,1 @@
+"""Training: state, optimizer, pure step functions and the host loop."""

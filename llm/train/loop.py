@@ -1,0 +1,317 @@
+"""The host loop: builds data, model and state, then trains with eval, logging and checkpoints.
+
+It owns everything impure (files, signals, the progress bar); the compiled work is the pure
+`train_step` / `eval_step` from step.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from llm import sharding
+from llm.checkpoint import Checkpointer
+from llm.config import ConfigError, RunConfig
+from llm.data import pipeline, sources
+from llm.data.tokenizers import Tokenizer, build_tokenizer
+from llm.model import ModelConfig, Transformer
+from llm.train import optimizer as optim_lib
+from llm.train import state as state_lib
+from llm.train.metrics import MetricWriter
+from llm.train.step import eval_step, train_step
+
+log = logging.getLogger(__name__)
+
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143: preempted, checkpoint saved; re-run to resume
+EXIT_SIGINT = 128 + signal.SIGINT  # 130: Ctrl-C, checkpoint saved
+EXIT_NONFINITE = 3  # non-finite loss with train.nan_policy=stop; last good state saved
+
+
+def resolve_vocab(model: ModelConfig, tok: Tokenizer) -> ModelConfig:
+    """Fill model.vocab_size from the tokenizer (rounded up to 64), or check it is big enough."""
+    if model.vocab_size is None:
+        return model.replace(vocab_size=64 * math.ceil(tok.vocab_size / 64))
+    if model.vocab_size < tok.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's "
+            f"{tok.vocab_size} ids; unset model.vocab_size or raise it"
+        )
+    return model
+
+
+def _in_context(fn, mesh, rules):
+    """Trace `fn` with activation sharding constraints bound to this mesh."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with sharding.activate(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run needs, built once from a RunConfig (also handy in notebooks)."""
+
+    cfg: RunConfig
+    workdir: str
+    mesh: Any
+    tokenizer: Tokenizer
+    model: Transformer
+    train_windows: pipeline.PackedWindows
+    eval_windows: pipeline.PackedWindows
+    tx: Any
+    schedule: Any
+    abstract_state: Any
+    state_shardings: Any
+    batch_sharding: Any
+
+    @property
+    def rules(self):
+        return self.cfg.mesh.rules
+
+
+def build(cfg: RunConfig, workdir: str) -> Experiment:
+    """Validate against the devices, read and tokenize the corpus, build model and optimizer."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = cfg.mesh.rules
+    dp = sharding.data_parallel_size(mesh, rules)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % dp:
+        raise ConfigError(
+            f"micro-batch train.batch_size/train.grad_accum = {micro} is not divisible by the "
+            f"data-parallel size {dp} (mesh {dict(mesh.shape)}); make the batch a multiple of {dp}"
+        )
+    if cfg.train.batch_size % jax.process_count():
+        raise ConfigError(f"train.batch_size must divide over {jax.process_count()} processes")
+
+    docs = sources.read_documents(cfg.data.corpus, cfg.data.text_field)
+    if cfg.data.eval_corpus:
+        train_docs, eval_docs = docs, sources.read_documents(cfg.data.eval_corpus, cfg.data.text_field)
+    else:
+        train_docs, eval_docs = sources.split_documents(docs, cfg.data.eval_fraction)
+    tok = build_tokenizer(cfg.data.tokenizer, workdir, train_docs)
+    if jax.process_index() == 0:
+        tok.save(workdir)
+    model_cfg = resolve_vocab(cfg.model, tok)
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+
+    t = cfg.data.seq_len
+    train_w = pipeline.PackedWindows(*pipeline.tokenize(train_docs, tok), t, include_partial=False)
+    eval_w = pipeline.PackedWindows(*pipeline.tokenize(eval_docs, tok), t, include_partial=True)
+    if len(eval_w) == 0:
+        raise ValueError("the held-out split is empty; raise data.eval_fraction or set data.eval_corpus")
+
+    model = Transformer(model_cfg)
+    tx, schedule = optim_lib.make_optimizer(cfg.optim, cfg.train.steps)
+    abstract, shardings = state_lib.state_shardings(model, tx, t, mesh, rules)
+    return Experiment(
+        cfg=cfg, workdir=workdir, mesh=mesh, tokenizer=tok, model=model, train_windows=train_w,
+        eval_windows=eval_w, tx=tx, schedule=schedule, abstract_state=abstract,
+        state_shardings=shardings, batch_sharding=sharding.batch_sharding(mesh, rules),
+    )  # fmt: skip
+
+
+def to_global(exp: Experiment, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays sharded over the data-parallel mesh axes."""
+    return {
+        k: jax.make_array_from_process_local_data(exp.batch_sharding, v) for k, v in local_batch.items()
+    }
+
+
+def compile_steps(exp: Experiment):
+    """Jitted train and eval steps with explicit shardings; the train state is donated."""
+    cfg = exp.cfg
+    step = functools.partial(train_step, model=exp.model, tx=exp.tx, schedule=exp.schedule,
+                             grad_accum=cfg.train.grad_accum)  # fmt: skip
+    batch_sh = {k: exp.batch_sharding for k in pipeline.FIELDS}
+    train_fn = jax.jit(
+        _in_context(step, exp.mesh, exp.rules),
+        in_shardings=(exp.state_shardings, batch_sh),
+        out_shardings=(exp.state_shardings, None),
+        donate_argnums=0,
+    )
+    token_bytes = jax.numpy.asarray(exp.tokenizer.token_bytes)
+    token_bytes = jax.numpy.pad(token_bytes, (0, exp.model.cfg.vocab_size - len(token_bytes)))
+    ev = functools.partial(eval_step, model=exp.model, token_bytes=token_bytes)
+    eval_fn = jax.jit(
+        _in_context(ev, exp.mesh, exp.rules),
+        in_shardings=(exp.state_shardings.params, batch_sh),
+    )
+    return train_fn, eval_fn
+
+
+def evaluate(exp: Experiment, eval_fn, params) -> dict[str, float]:
+    """Held-out loss, perplexity and bits per byte over the eval split (or its first N batches)."""
+    t = exp.cfg.train
+    bs = t.eval_batch_size or t.batch_size
+    totals = {"nll_sum": 0.0, "n_tokens": 0.0, "n_bytes": 0.0}
+    for local in pipeline.eval_batches(exp.eval_windows, bs, jax.process_index(), jax.process_count(),
+                                       t.eval_batches):  # fmt: skip
+        out = jax.device_get(eval_fn(params, to_global(exp, local)))
+        for k in totals:
+            totals[k] += float(out[k])
+    loss = totals["nll_sum"] / max(totals["n_tokens"], 1)
+    return {
+        "eval_loss": loss,
+        "eval_ppl": math.exp(min(loss, 50)),
+        "eval_bpb": totals["nll_sum"] / math.log(2) / max(totals["n_bytes"], 1),
+        "eval_tokens": totals["n_tokens"],
+    }
+
+
+class _Signals:
+    """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some notebook kernels)
+                pass
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C aborts at once
+        self.received = signum
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def check_same_model(saved: dict, cfg: RunConfig, directory: str) -> None:
+    """A checkpoint from another model shape is refused with the differing fields."""
+    cur = json.loads(cfg.to_json())["model"]
+    old = saved.get("model", {})
+    diff = sorted(k for k in set(cur) | set(old) if cur.get(k) != old.get(k)
+                  and k not in ("dtype", "remat", "scan_layers", "dropout"))  # fmt: skip
+    # scan_layers changes the params tree layout, so it does matter for restoring:
+    if cur.get("scan_layers") != old.get("scan_layers"):
+        diff.append("scan_layers")
+    if diff:
+        raise ConfigError(
+            f"the checkpoint in {directory} was trained with a different model: "
+            + ", ".join(f"model.{k}={old.get(k)!r} (now {cur.get(k)!r})" for k in diff)
+            + "; use a new --workdir or the original flags"
+        )
+
+
+def train(cfg: RunConfig, workdir: str) -> dict[str, Any]:
+    """Train (or resume) in `workdir`. Returns the final metrics; exits 143/130 on signals."""
+    os.makedirs(workdir, exist_ok=True)
+    exp = build(cfg, workdir)
+    cfg = exp.cfg
+    is_main = jax.process_index() == 0
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(cfg.to_json())
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    data_ds = pipeline.train_dataset(exp.train_windows, cfg.train.batch_size, cfg.data.seed,
+                                     jax.process_index(), jax.process_count())  # fmt: skip
+    data_it = pipeline.train_iterator(data_ds, cfg.data.worker_threads)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), exp.abstract_state, exp.state_shardings
+    )
+    if ckpt.steps():
+        check_same_model(ckpt.read_config(), cfg, ckpt.directory)
+    restored = ckpt.restore_latest(abstract, data_it)
+    if restored is None:
+        state = state_lib.create_state(exp.model, exp.tx, cfg.data.seq_len, exp.mesh, exp.rules, cfg.train.seed)
+        start = 0
+    else:
+        start, state, _ = restored
+        log.info("resumed from checkpoint step %d", start)
+    n_params = state_lib.count_params(state.params)
+    train_fn, eval_fn = compile_steps(exp)
+    writer = MetricWriter(workdir)
+    signals = _Signals()
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    if is_main:
+        print(f"model: {n_params:,} parameters | mesh {dict(exp.mesh.shape)} | vocab "
+              f"{cfg.model.vocab_size} | {len(exp.train_windows)} train windows of {cfg.data.seq_len} "
+              f"tokens | {'resuming at step ' + str(start) if start else 'from scratch'}", flush=True)  # fmt: skip
+
+    bar = None
+    if is_main and cfg.train.progress:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True)
+    pending: list[dict] = []
+    t_window, steps_window = time.perf_counter(), 0
+    last_saved, step, exit_code, result = start, start, 0, {}
+    try:
+        while step < cfg.train.steps:
+            batch = to_global(exp, next(data_it))
+            state, metrics = train_fn(state, batch)
+            step += 1
+            steps_window += 1
+            pending.append(metrics)
+            if bar is not None:
+                bar.update(1)
+            logged = step % cfg.train.log_every == 0 or step == cfg.train.steps
+            if logged:
+                host = jax.device_get(pending)
+                pending = []
+                dt = time.perf_counter() - t_window
+                row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                row["nonfinite"] = float(sum(m["nonfinite"] for m in host))
+                row["tokens_per_sec"] = tokens_per_step * steps_window / dt
+                row["skipped_total"] = int(jax.device_get(state.skipped))
+                t_window, steps_window = time.perf_counter(), 0
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
+                    row.update(evaluate(exp, eval_fn, state.params))
+                    t_window = time.perf_counter()  # keep eval time out of tokens/s
+                    if bar is not None:
+                        bar.write(f"step {step}: eval loss {row['eval_loss']:.4f}  bpb {row['eval_bpb']:.4f}")
+                writer.write(step, row)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}")
+                if row["nonfinite"] and cfg.train.nan_policy == "stop":
+                    msg = (f"non-finite loss/gradients at step {step} (train.nan_policy=stop); the "
+                           f"update was not applied and the last good state is saved at step {step}")  # fmt: skip
+                    log.error(msg)
+                    print(msg, flush=True)
+                    exit_code = EXIT_NONFINITE
+                    break
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+                ckpt.save(step, state, data_it, cfg.to_json())
+                last_saved = step
+            if signals.received is not None or ckpt.mngr.reached_preemption(step):
+                exit_code = EXIT_SIGINT if signals.received == signal.SIGINT else EXIT_SIGTERM
+                print(f"signal received: saving a checkpoint at step {step} and exiting "
+                      f"(exit code {exit_code}); run the same command to resume", flush=True)  # fmt: skip
+                break
+        if step != last_saved or not ckpt.steps():
+            ckpt.save(step, state, data_it, cfg.to_json())
+        ckpt.wait()
+        if exit_code == 0:
+            result = evaluate(exp, eval_fn, state.params)
+            result.update(step=step, n_params=n_params)
+            writer.write(step, result)
+            if is_main:
+                print(f"final eval at step {step}: loss {result['eval_loss']:.4f} | perplexity "
+                      f"{result['eval_ppl']:.2f} | bits per byte {result['eval_bpb']:.4f}", flush=True)  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+        signals.restore()
+        writer.close()
+        ckpt.close()
+    if exit_code:
+        raise SystemExit(exit_code)
+    return result

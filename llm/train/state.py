@@ -1,0 +1,79 @@
+"""TrainState and its sharded construction (parameters are born sharded)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llm import sharding
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array  # int32 scalar: optimizer updates applied
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32[2]: dropout stream, folded with step
+    skipped: jax.Array  # int32 scalar: updates skipped for non-finite loss/grads
+
+
+def init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int) -> Callable:
+    """rng -> TrainState with boxed (logically annotated) params; jit/eval_shape it."""
+
+    def init(rng):
+        p_rng, d_rng = jax.random.split(rng)
+        dummy = jnp.zeros((1, seq_len), jnp.int32)
+        params = model.init(p_rng, dummy)["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+            rng=d_rng, skipped=jnp.zeros((), jnp.int32),
+        )  # fmt: skip
+
+    return init
+
+
+def state_shardings(model, tx, seq_len: int, mesh, rules) -> tuple[Any, Any]:
+    """(abstract unboxed state, its NamedShardings) from the logical names on the boxed init."""
+    init = init_fn(model, tx, seq_len)
+    boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+    abstract = nn.meta.unbox(boxed)
+    params_sh = sharding.tree_shardings(nn.get_partition_spec(boxed.params), abstract.params, mesh, rules)
+    # Optimizer moments mirror the params tree: a leaf whose dict-key path is a parameter's path
+    # takes that parameter's sharding; everything else (counts, scalars) is replicated.
+    by_path = {_dict_path(p): s for p, s in jax.tree_util.tree_leaves_with_path(params_sh)}
+    replicated = NamedSharding(mesh, P())
+
+    def leaf_sharding(path, leaf):
+        s = by_path.get(_dict_path(path))
+        return s if s is not None and leaf.shape == s_shape(path) else replicated
+
+    shapes = {_dict_path(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(abstract.params)}
+    s_shape = lambda path: shapes.get(_dict_path(path))  # noqa: E731
+    opt_sh = jax.tree_util.tree_map_with_path(leaf_sharding, abstract.opt_state)
+    shardings = abstract.replace(
+        step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated, skipped=replicated
+    )
+    return abstract, shardings
+
+
+def _dict_path(path) -> tuple[str, ...]:
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def create_state(model, tx, seq_len: int, mesh, rules, seed: int) -> TrainState:
+    """Initialise directly into the target shardings: no full copy on any one device."""
+    init = init_fn(model, tx, seq_len)
+    _, shardings = state_shardings(model, tx, seq_len, mesh, rules)
+    with sharding.activate(mesh, rules):
+        return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(
+            jax.random.PRNGKey(seed)
+        )
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,102 @@
+"""Pure, jit-able step functions: `train_step(state, batch) -> (state, metrics)` and `eval_step`.
+
+Model, optimizer and schedule are bound with functools.partial before jitting (see loop.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from llm.train.state import TrainState
+
+
+def token_nll(logits_BTV, targets_BT):
+    """Per-token negative log-likelihood in fp32 (bf16 logits lose precision in logsumexp)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
+
+
+def forward(params, model, batch, rng=None, train: bool = False):
+    """Logits and the sown auxiliary losses (e.g. MoE balance losses) of one batch."""
+    logits_BTV, aux = model.apply(
+        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
+        deterministic=not train, rngs={"dropout": rng} if train else {}, mutable=["losses"],
+    )  # fmt: skip
+    aux_losses = {
+        "/".join(str(getattr(k, "key", k)) for k in path): jnp.mean(v)
+        for path, v in jax.tree_util.tree_leaves_with_path(aux.get("losses", {}))
+    }
+    return logits_BTV, aux_losses
+
+
+def _loss(params, model, batch, rng, n_tokens, aux_weight):
+    """Sum of masked NLL / n_tokens (so micro-batch losses add up to the batch mean) + aux."""
+    logits_BTV, aux = forward(params, model, batch, rng, train=True)
+    mask_BT = batch["loss_mask"].astype(jnp.float32)
+    nll = jnp.sum(token_nll(logits_BTV, batch["targets"]) * mask_BT) / n_tokens
+    aux_total = sum(aux.values()) if aux else 0.0
+    return nll + aux_weight * aux_total, (nll, aux)
+
+
+def train_step(state: TrainState, batch, *, model, tx, schedule, grad_accum: int = 1):
+    """One optimizer update on a global batch (optionally in `grad_accum` micro-batches).
+
+    A non-finite loss or gradient leaves params and optimizer state untouched and counts a skip;
+    the host loop decides (train.nan_policy) whether to stop or go on.
+    """
+    n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)
+    rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(_loss, has_aux=True)
+    if grad_accum == 1:
+        (loss, (nll, aux)), grads = grad_fn(state.params, model, batch, rng, n_tokens, 1.0)
+    else:
+        # Micro-batch a takes rows a, a+A, a+2A, ...: every micro-batch stays spread over all
+        # data-parallel devices (a contiguous split would put each on a subset of them).
+        micro = jax.tree.map(
+            lambda x: jnp.swapaxes(x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]), 0, 1),
+            batch,
+        )
+
+        def body(carry, xs):
+            mb, i = xs
+            (l, (n, a)), g = grad_fn(state.params, model, mb, jax.random.fold_in(rng, i), n_tokens,
+                                     1.0 / grad_accum)  # fmt: skip
+            acc_g, acc_l, acc_n, acc_a = carry
+            return (jax.tree.map(jnp.add, acc_g, g), acc_l + l, acc_n + n,
+                    jax.tree.map(lambda x, y: x + y / grad_accum, acc_a, a)), None  # fmt: skip
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        _, (_, (_, aux0)) = jax.eval_shape(grad_fn, state.params, model, jax.tree.map(lambda x: x[0], micro),
+                                           rng, n_tokens, 1.0)  # fmt: skip
+        aux_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
+        (grads, loss, nll, aux), _ = jax.lax.scan(
+            body, (zeros, 0.0, 0.0, aux_zero), (micro, jnp.arange(grad_accum))
+        )
+
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        skipped=state.skipped + (1 - ok.astype(jnp.int32)),
+    )
+    metrics = {
+        "loss": nll, "total_loss": loss, "grad_norm": grad_norm,
+        "learning_rate": schedule(state.step), "nonfinite": 1 - ok.astype(jnp.int32),
+        "n_tokens": n_tokens, **{f"aux/{k}": v for k, v in aux.items()},
+    }  # fmt: skip
+    return new_state, metrics
+
+
+def eval_step(params, batch, *, model, token_bytes):
+    """Sums over one held-out batch: NLL (nats), scored tokens, and raw-text bytes they cover."""
+    logits_BTV, _ = forward(params, model, batch)
+    mask_BT = batch["loss_mask"].astype(jnp.float32)
+    nll = jnp.sum(token_nll(logits_BTV, batch["targets"]) * mask_BT)
+    n_bytes = jnp.sum(jnp.take(token_bytes, batch["targets"]) * mask_BT)
+    return {"nll_sum": nll, "n_tokens": jnp.sum(mask_BT), "n_bytes": n_bytes}
