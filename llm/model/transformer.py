@@ -84,6 +84,9 @@ class Transformer(nn.Module):
         table_BTD = pos.embed(positions_BT, cfg.d_model)
         if table_BTD is not None:
             x_BTD = x_BTD + table_BTD.astype(dtype)
+        # A zero "perturbation" here lets jax.grad read d(output)/d(input embedding) per position
+        # (causality tests, saliency); it is a no-op unless the 'perturbations' collection is passed.
+        x_BTD = self.perturb("embedded", x_BTD)
         x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic)
         x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
 

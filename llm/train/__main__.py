@@ -6,7 +6,15 @@ Re-running the same command resumes from the newest checkpoint in <workdir>.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+
+# XLA:CPU runs one device's ops with too few threads to fill the cores; splitting the host into
+# data-parallel CPU devices uses them better (+14% tokens/s on 2 cores, see README "Speed").
+# Only the CPU platform is affected; GPUs/TPUs are untouched. Must be set before jax is imported.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    _n = os.environ.get("LLM_CPU_DEVICES", "2")
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_n}".strip()
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -36,4 +44,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    app.run(main)
+
+
+def run():
+    """Console entry point `llm-train`."""
     app.run(main)

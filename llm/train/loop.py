@@ -210,8 +210,12 @@ def check_same_model(saved: dict, cfg: RunConfig, directory: str) -> None:
         )
 
 
-def train(cfg: RunConfig, workdir: str) -> dict[str, Any]:
-    """Train (or resume) in `workdir`. Returns the final metrics; exits 143/130 on signals."""
+def train(cfg: RunConfig, workdir: str, stop_at: int | None = None) -> dict[str, Any]:
+    """Train (or resume) in `workdir`. Returns the final metrics; exits 143/130 on signals.
+
+    `stop_at` ends this invocation early at that step (with a checkpoint), as an interruption
+    would; calling again resumes. The schedule still follows cfg.train.steps.
+    """
     os.makedirs(workdir, exist_ok=True)
     exp = build(cfg, workdir)
     cfg = exp.cfg
@@ -255,7 +259,8 @@ def train(cfg: RunConfig, workdir: str) -> dict[str, Any]:
     t_window, steps_window = time.perf_counter(), 0
     last_saved, step, exit_code, result = start, start, 0, {}
     try:
-        while step < cfg.train.steps:
+        end = min(cfg.train.steps, stop_at or cfg.train.steps)
+        while step < end:
             batch = to_global(exp, next(data_it))
             state, metrics = train_fn(state, batch)
             step += 1
@@ -263,7 +268,7 @@ def train(cfg: RunConfig, workdir: str) -> dict[str, Any]:
             pending.append(metrics)
             if bar is not None:
                 bar.update(1)
-            logged = step % cfg.train.log_every == 0 or step == cfg.train.steps
+            logged = step % cfg.train.log_every == 0 or step == end
             if logged:
                 host = jax.device_get(pending)
                 pending = []
@@ -276,8 +281,11 @@ def train(cfg: RunConfig, workdir: str) -> dict[str, Any]:
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
                     row.update(evaluate(exp, eval_fn, state.params))
                     t_window = time.perf_counter()  # keep eval time out of tokens/s
+                    msg = f"step {step}: eval loss {row['eval_loss']:.4f} | bits per byte {row['eval_bpb']:.4f}"
                     if bar is not None:
-                        bar.write(f"step {step}: eval loss {row['eval_loss']:.4f}  bpb {row['eval_bpb']:.4f}")
+                        bar.write(msg)
+                    elif is_main:
+                        print(msg, flush=True)
                 writer.write(step, row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}")
@@ -288,7 +296,7 @@ def train(cfg: RunConfig, workdir: str) -> dict[str, Any]:
                     print(msg, flush=True)
                     exit_code = EXIT_NONFINITE
                     break
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < end:
                 ckpt.save(step, state, data_it, cfg.to_json())
                 last_saved = step
             if signals.received is not None or ckpt.mngr.reached_preemption(step):
@@ -299,7 +307,7 @@ def train(cfg: RunConfig, workdir: str) -> dict[str, Any]:
         if step != last_saved or not ckpt.steps():
             ckpt.save(step, state, data_it, cfg.to_json())
         ckpt.wait()
-        if exit_code == 0:
+        if exit_code == 0 and step == cfg.train.steps:
             result = evaluate(exp, eval_fn, state.params)
             result.update(step=step, n_params=n_params)
             writer.write(step, result)

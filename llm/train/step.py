@@ -67,14 +67,15 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, grad_accum: int
                     jax.tree.map(lambda x, y: x + y / grad_accum, acc_a, a)), None  # fmt: skip
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        _, (_, (_, aux0)) = jax.eval_shape(grad_fn, state.params, model, jax.tree.map(lambda x: x[0], micro),
-                                           rng, n_tokens, 1.0)  # fmt: skip
+        first = jax.tree.map(lambda x: x[0], micro)
+        loss_shape = lambda p, b: _loss(p, model, b, rng, n_tokens, 1.0)  # noqa: E731
+        _, (_, aux0) = jax.eval_shape(loss_shape, state.params, first)
         aux_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
         (grads, loss, nll, aux), _ = jax.lax.scan(
             body, (zeros, 0.0, 0.0, aux_zero), (micro, jnp.arange(grad_accum))
         )
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -1,0 +1,56 @@
+"""Notebook entry: `llm.load(workdir)` -> config, params, tokenizer and a ready model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+
+from llm import sharding
+from llm.checkpoint import Checkpointer
+from llm.config import RunConfig, from_json
+from llm.data.tokenizers import Tokenizer, load_tokenizer
+from llm.model import Transformer
+from llm.train import optimizer as optim_lib
+from llm.train import state as state_lib
+
+
+@dataclasses.dataclass
+class Loaded:
+    config: RunConfig
+    params: Any
+    tokenizer: Tokenizer
+    model: Transformer
+    step: int
+
+    def generate(self, prompt: str, **kw) -> str:
+        from llm.infer.sampling import generate  # noqa: PLC0415
+
+        return generate(self.model, self.params, self.tokenizer, prompt, **kw)
+
+
+def load(workdir: str, step: int | None = None, mesh=None) -> Loaded:
+    """Restore a run's checkpoint onto this process's devices (one device unless `mesh` is given).
+
+    Parameters are resharded on restore, so a checkpoint written on a pod loads in a notebook.
+    """
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    steps = ckpt.steps()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {workdir}; available: {steps}")
+    cfg = from_json(json.dumps(ckpt.read_config(step)))
+    if mesh is None:
+        mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
+    model = Transformer(cfg.model)
+    tx, _ = optim_lib.make_optimizer(cfg.optim, cfg.train.steps)
+    abstract, shardings = state_lib.state_shardings(model, tx, cfg.data.seq_len, mesh, cfg.mesh.rules)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    state, _ = ckpt.restore(step, target)
+    ckpt.close()
+    return Loaded(config=cfg, params=state.params, tokenizer=load_tokenizer(workdir), model=model, step=step)

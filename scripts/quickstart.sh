@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Quick start (1): set up, train the default model on tiny Shakespeare, print held-out bits per
+# byte and a sample. Re-running resumes from the last checkpoint in runs/shakespeare.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/python -m llm.train --config=configs/shakespeare.py --workdir=runs/shakespeare "$@"
+.venv/bin/python -m llm.sample --workdir=runs/shakespeare --prompt="ROMEO:" --max_new_tokens=200 \
+  --temperature=0.8 --top_k=50 --top_p=0.95 --seed=0

@@ -1,0 +1,40 @@
+"""Package metadata. Pinned versions are the ones tested (Python 3.11, CPU); ranges keep 3.12+ installable."""
+
+from setuptools import find_packages, setup
+
+INSTALL = [
+    "jax>=0.10.2,<0.13",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "grain>=0.2.18,<0.3",
+    "ml-collections>=1.1.0,<2",
+    "sentencepiece>=0.2.1,<0.3",
+    "tensorboardX>=2.6.5,<3",
+    "absl-py>=2.1",
+    "numpy>=2.0",
+    "tqdm>=4.66",
+]
+
+# Exact versions CI and the README's quick start install (see requirements.txt).
+setup(
+    name="llm",
+    version="0.1.0",
+    description="A JAX/Flax research codebase for decoder-only language models, laptop to pod.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["llm", "llm.*", "configs", "launch"]),
+    package_data={"llm.data": ["corpora/*.txt", "corpora/*.md"]},
+    install_requires=INSTALL,
+    extras_require={
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "matplotlib>=3.8"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.13"],
+        "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
+        "torch": ["torch==2.13.0", "transformers>=4.45"],
+    },
+    entry_points={
+        "console_scripts": [
+            "llm-train=llm.train.__main__:run",
+            "llm-sample=llm.sample:run",
+        ]
+    },
+)

@@ -1,0 +1,189 @@
+"""The transformer against an independent numpy reference, plus structural properties."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm.model import AttentionConfig, ModelConfig, Transformer
+from llm.model.positional import alibi_slopes, apply_rope, sinusoidal_table
+from tests import reference
+
+TOL = dict(rtol=2e-4, atol=2e-4)  # fp32 model vs float64 reference
+
+
+def small(**kw):
+    att = kw.pop("attention", {})
+    base = dict(vocab_size=50, d_model=32, n_layers=2, max_seq_len=16, init_std=0.3)
+    base.update(kw)
+    return ModelConfig(**base, attention=AttentionConfig(**{"n_heads": 4, **att}))
+
+
+def init(cfg, t=8, seed=0):
+    model = Transformer(cfg)
+    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, t), jnp.int32))["params"]
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(1), x.shape), params)
+    return model, jax.tree.map(np.asarray, nn_unbox(params))
+
+
+def nn_unbox(p):
+    import flax.linen as nn
+
+    return nn.meta.unbox(p)
+
+
+VARIANTS = [
+    dict(positional=pos, norm=norm, mlp=mlp)
+    for pos, norm, mlp in itertools.product(
+        ["learned", "sinusoidal", "rope", "alibi", "none"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"]
+    )
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v.values()))
+def test_matches_numpy_reference(variant):
+    cfg = small(**variant)
+    model, params = init(cfg)
+    tokens = np.random.RandomState(0).randint(0, 50, (2, 8))
+    got = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)))
+    want = reference.forward(cfg, params, tokens)
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(attention=dict(n_kv_heads=2)),  # GQA
+        dict(attention=dict(n_kv_heads=1), positional="rope"),  # MQA
+        dict(norm_position="post", tie_embeddings=False),
+        dict(use_bias=False, positional="alibi", attention=dict(n_heads=8, n_kv_heads=2)),
+    ],
+    ids=["gqa", "mqa-rope", "postnorm-untied", "nobias-alibi8-gqa"],
+)
+def test_layouts_match_reference(kw):
+    cfg = small(**kw)
+    model, params = init(cfg)
+    tokens = np.random.RandomState(1).randint(0, 50, (2, 8))
+    got = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)))
+    np.testing.assert_allclose(got, reference.forward(cfg, params, tokens), **TOL)
+
+
+def test_packed_documents_do_not_attend_across():
+    """Doc B's logits inside a packed row equal doc B's logits computed alone."""
+    for pos in ["learned", "rope", "alibi"]:
+        cfg = small(positional=pos)
+        model, params = init(cfg)
+        rs = np.random.RandomState(2)
+        a, b = rs.randint(0, 50, 5), rs.randint(0, 50, 7)
+        packed = np.concatenate([a, b])[None]
+        seg = np.array([[1] * 5 + [2] * 7])
+        posn = np.array([list(range(5)) + list(range(7))])
+        out = model.apply({"params": params}, jnp.asarray(packed), jnp.asarray(posn), jnp.asarray(seg))
+        alone = model.apply({"params": params}, jnp.asarray(b[None]))
+        np.testing.assert_allclose(np.asarray(out)[0, 5:], np.asarray(alone)[0], **TOL)
+        want = reference.forward(cfg, params, packed, posn, seg)
+        np.testing.assert_allclose(np.asarray(out), want, **TOL)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope", "alibi"])
+def test_causality_through_gradients(pos):
+    """d logits[t] / d input-embedding[s] is exactly zero for s > t."""
+    cfg = small(positional=pos)
+    model, params = init(cfg)
+    tokens = jnp.asarray(np.random.RandomState(3).randint(0, 50, (1, 8)))
+    zeros = {"embedded": jnp.zeros((1, 8, cfg.d_model))}
+    for t in range(8):
+        f = lambda pert: model.apply({"params": params, "perturbations": pert}, tokens)[0, t].sum()  # noqa: E731
+        g = np.asarray(jax.grad(f)(zeros)["embedded"])[0]  # [T, D]
+        norms = np.abs(g).sum(-1)
+        assert np.all(norms[t + 1 :] == 0.0), (t, norms)
+        assert norms[t] > 0
+
+
+def test_gqa_equals_mha_with_repeated_kv_weights():
+    gqa = small(attention=dict(n_heads=4, n_kv_heads=2), positional="rope")
+    mha = small(attention=dict(n_heads=4, n_kv_heads=4), positional="rope")
+    model_g, p_g = init(gqa)
+    model_m, p_m = init(mha)
+    # Build MHA params: each kv head is repeated for the query heads of its group.
+    p_m = jax.tree.map(np.copy, p_g)
+    for li in range(2):
+        for name in ("key", "value"):
+            q = p_m[f"layer_{li}"]["attn"][name]
+            q["kernel"] = np.repeat(q["kernel"], 2, axis=1)
+            q["bias"] = np.repeat(q["bias"], 2, axis=0)
+    tokens = jnp.asarray(np.random.RandomState(4).randint(0, 50, (2, 8)))
+    np.testing.assert_allclose(
+        np.asarray(model_g.apply({"params": p_g}, tokens)), np.asarray(model_m.apply({"params": p_m}, tokens)),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rs = np.random.RandomState(5)
+    q = jnp.asarray(rs.randn(1, 1, 1, 16), jnp.float32)
+    k = jnp.asarray(rs.randn(1, 1, 1, 16), jnp.float32)
+
+    def score(m, n):
+        qm = apply_rope(q, jnp.array([[m]]), 10000.0)
+        kn = apply_rope(k, jnp.array([[n]]), 10000.0)
+        return float(jnp.sum(qm * kn))
+
+    for m, n in [(5, 2), (9, 0), (3, 3)]:
+        for shift in (1, 7, 100):
+            assert abs(score(m, n) - score(m + shift, n + shift)) < 1e-4
+    assert abs(score(5, 2) - score(6, 2)) > 1e-3  # and it does depend on the offset
+
+
+def test_sinusoidal_and_alibi_tables_match_papers():
+    pos = jnp.arange(6)[None]
+    got = np.asarray(sinusoidal_table(pos, 8))[0]
+    want = np.stack([reference.sinusoid(p, 8) for p in range(6)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(alibi_slopes(8), [1 / 2**i for i in range(1, 9)], rtol=1e-6)
+    # Non power of two (paper's recipe): the 8 slopes of 8 heads, then every other one of 16.
+    want12 = [2 ** (-i) for i in range(1, 9)] + [2 ** (-(2 * i + 1) / 2) for i in range(0, 4)]
+    np.testing.assert_allclose(alibi_slopes(12), want12, rtol=1e-6)
+
+
+def test_scan_and_remat_give_the_same_function():
+    cfg = small(positional="rope")
+    model, params = init(cfg)
+    scanned = Transformer(cfg.replace(scan_layers=True, remat="full"))
+    # Stack per-layer params along a leading axis to form the scanned layout.
+    layers = [params[f"layer_{i}"] for i in range(cfg.n_layers)]
+    sp = {k: v for k, v in params.items() if not k.startswith("layer_")}
+    sp["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+    tokens = jnp.asarray(np.random.RandomState(6).randint(0, 50, (2, 8)))
+    np.testing.assert_allclose(
+        np.asarray(model.apply({"params": params}, tokens)), np.asarray(scanned.apply({"params": sp}, tokens)),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+
+
+def test_bf16_compute_keeps_fp32_params_and_is_close():
+    cfg = small(positional="rope", dtype="bfloat16")
+    model, params = init(cfg)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
+    tokens = jnp.asarray(np.random.RandomState(7).randint(0, 50, (2, 8)))
+    out = model.apply({"params": params}, tokens)
+    assert out.dtype == jnp.bfloat16
+    ref = Transformer(cfg.replace(dtype="float32")).apply({"params": params}, tokens)
+    # bf16 has ~3 significant digits; logits here are O(10).
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=0.05, atol=0.5)
+
+
+def test_jax_attention_impl_matches_einsum():
+    for kw in [dict(), dict(positional="alibi"), dict(attention=dict(n_kv_heads=2), positional="rope")]:
+        cfg = small(**kw)
+        model, params = init(cfg)
+        att = dict(kw.get("attention", {}), impl="jax")
+        other = Transformer(small(**{**kw, "attention": att}))
+        tokens = jnp.asarray(np.random.RandomState(8).randint(0, 50, (2, 8)))
+        seg = jnp.asarray([[1] * 3 + [2] * 5, [1] * 8])
+        np.testing.assert_allclose(
+            np.asarray(model.apply({"params": params}, tokens, None, seg)),
+            np.asarray(other.apply({"params": params}, tokens, None, seg)), rtol=1e-4, atol=1e-4,
+        )  # fmt: skip
