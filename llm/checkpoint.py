@@ -68,7 +68,20 @@ class Checkpointer:
                 return step, state, cfg
             except CheckpointCorrupt as e:
                 log.error("%s; falling back to an older checkpoint", e)
+                self._quarantine(step)
         return None
+
+    def _quarantine(self, step: int) -> None:
+        """Rename a damaged step dir to corrupt-<step>-<n> (kept for inspection, never restored)."""
+        if jax.process_index() != 0:
+            return
+        src = os.path.join(self.directory, str(step))
+        n = 0
+        while os.path.exists(dst := os.path.join(self.directory, f"corrupt-{step}-{n}")):
+            n += 1
+        os.rename(src, dst)
+        log.error("moved the damaged checkpoint %s to %s", src, dst)
+        self.mngr.reload()
 
     def read_config(self, step: int | None = None) -> dict:
         step = self.steps()[-1] if step is None else step

@@ -29,12 +29,14 @@ from llm.train import optimizer as optim_lib
 from llm.train import state as state_lib
 from llm.train.metrics import MetricWriter
 from llm.train.step import eval_step, train_step
+from llm.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
 
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143: preempted, checkpoint saved; re-run to resume
 EXIT_SIGINT = 128 + signal.SIGINT  # 130: Ctrl-C, checkpoint saved
 EXIT_NONFINITE = 3  # non-finite loss with train.nan_policy=stop; last good state saved
+EXIT_CHECKPOINT_FAILED = 4  # a checkpoint could not be written; earlier ones are intact
 
 
 def resolve_vocab(model: ModelConfig, tok: Tokenizer) -> ModelConfig:
@@ -82,9 +84,12 @@ class Experiment:
         return self.cfg.mesh.rules
 
 
-def build(cfg: RunConfig, workdir: str) -> Experiment:
-    """Validate against the devices, read and tokenize the corpus, build model and optimizer."""
-    mesh = sharding.make_mesh(cfg.mesh)
+def build(cfg: RunConfig, workdir: str, devices=None) -> Experiment:
+    """Validate against the devices, read and tokenize the corpus, build model and optimizer.
+
+    `devices` (default: all) lets tests and notebooks build the same run on a subset of devices.
+    """
+    mesh = sharding.make_mesh(cfg.mesh, devices)
     rules = cfg.mesh.rules
     dp = sharding.data_parallel_size(mesh, rules)
     micro = cfg.train.batch_size // cfg.train.grad_accum
@@ -193,6 +198,25 @@ class _Signals:
             signal.signal(sig, old)
 
 
+def _save(ckpt: Checkpointer, step: int, state, data_it, cfg: RunConfig, wait: bool = False) -> bool:
+    """Save (async) and report a failed write (disk full, read-only) instead of crashing."""
+    try:
+        ckpt.save(step, state, data_it, cfg.to_json())
+        if wait:
+            ckpt.wait()
+        return True
+    except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many types for I/O errors)
+        try:
+            ckpt.wait()  # let earlier async saves commit before listing them
+        except Exception:  # noqa: BLE001
+            pass
+        kept = [s for s in ckpt.steps() if s != step]
+        print(f"error: writing the checkpoint for step {step} in {ckpt.directory} failed: {e!r}. "
+              f"Earlier checkpoints are intact ({kept or 'none'}); free space or fix permissions and "
+              f"re-run the same command to resume.", flush=True)  # fmt: skip
+        return False
+
+
 def check_same_model(saved: dict, cfg: RunConfig, directory: str) -> None:
     """A checkpoint from another model shape is refused with the differing fields."""
     cur = json.loads(cfg.to_json())["model"]
@@ -217,6 +241,13 @@ def train(cfg: RunConfig, workdir: str, stop_at: int | None = None) -> dict[str,
     would; calling again resumes. The schedule still follows cfg.train.steps.
     """
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() != 0:
+        return _train(cfg, workdir, stop_at)
+    with WorkdirLock(workdir):  # process 0 only: hosts may not share a lockable filesystem
+        return _train(cfg, workdir, stop_at)
+
+
+def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
     exp = build(cfg, workdir)
     cfg = exp.cfg
     is_main = jax.process_index() == 0
@@ -297,16 +328,18 @@ def train(cfg: RunConfig, workdir: str, stop_at: int | None = None) -> dict[str,
                     exit_code = EXIT_NONFINITE
                     break
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < end:
-                ckpt.save(step, state, data_it, cfg.to_json())
+                if not _save(ckpt, step, state, data_it, cfg):
+                    exit_code = EXIT_CHECKPOINT_FAILED
+                    break
                 last_saved = step
             if signals.received is not None or ckpt.mngr.reached_preemption(step):
                 exit_code = EXIT_SIGINT if signals.received == signal.SIGINT else EXIT_SIGTERM
                 print(f"signal received: saving a checkpoint at step {step} and exiting "
                       f"(exit code {exit_code}); run the same command to resume", flush=True)  # fmt: skip
                 break
-        if step != last_saved or not ckpt.steps():
-            ckpt.save(step, state, data_it, cfg.to_json())
-        ckpt.wait()
+        if exit_code != EXIT_CHECKPOINT_FAILED and (step != last_saved or not ckpt.steps()):
+            if not _save(ckpt, step, state, data_it, cfg, wait=True):
+                exit_code = EXIT_CHECKPOINT_FAILED
         if exit_code == 0 and step == cfg.train.steps:
             result = evaluate(exp, eval_fn, state.params)
             result.update(step=step, n_params=n_params)
@@ -319,7 +352,11 @@ def train(cfg: RunConfig, workdir: str, stop_at: int | None = None) -> dict[str,
             bar.close()
         signals.restore()
         writer.close()
-        ckpt.close()
+        try:
+            ckpt.close()
+        except Exception as e:  # a failed async write surfaces here; earlier checkpoints are intact
+            print(f"error: checkpoint write failed: {e}", flush=True)
+            exit_code = exit_code or EXIT_CHECKPOINT_FAILED
     if exit_code:
         raise SystemExit(exit_code)
     return result
