@@ -48,12 +48,19 @@ def state_shardings(model, tx, seq_len: int, mesh, rules) -> tuple[Any, Any]:
     by_path = {_dict_path(p): s for p, s in jax.tree_util.tree_leaves_with_path(params_sh)}
     replicated = NamedSharding(mesh, P())
 
-    def leaf_sharding(path, leaf):
-        s = by_path.get(_dict_path(path))
-        return s if s is not None and leaf.shape == s_shape(path) else replicated
-
     shapes = {_dict_path(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(abstract.params)}
-    s_shape = lambda path: shapes.get(_dict_path(path))  # noqa: E731
+
+    def param_path(path) -> tuple[str, ...] | None:
+        # Wrappers put dict keys in front of the params tree (multi_transform's
+        # inner_states['matrix'].mu[...]): match the longest suffix that names a parameter, or
+        # every Adam moment would silently stay replicated under FSDP.
+        keys = _dict_path(path)
+        return next((keys[i:] for i in range(len(keys)) if keys[i:] in by_path), None)
+
+    def leaf_sharding(path, leaf):
+        key = param_path(path)
+        return by_path[key] if key is not None and leaf.shape == shapes[key] else replicated
+
     opt_sh = jax.tree_util.tree_map_with_path(leaf_sharding, abstract.opt_state)
     shardings = abstract.replace(
         step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated, skipped=replicated
