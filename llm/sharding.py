@@ -12,12 +12,13 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from llm.registry import ConfigError
 

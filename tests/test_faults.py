@@ -1,6 +1,7 @@
 """Fault injection: every failure a run can meet gets a test of what happens and what it says."""
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -143,3 +144,13 @@ def test_corpus_smaller_than_a_batch(tmp_path):
     small.write_text("just a few words\n" * 30)
     with pytest.raises(ValueError, match="fewer than one batch"):
         loop.train(run_cfg(**{"data.corpus": str(small), "data.tokenizer.kind": "byte"}), str(tmp_path / "c"))
+
+
+@pytest.mark.slow
+def test_kill9_at_random_moments_resumes_exactly(repo_root):
+    """One run of the soak script (tests/kill9_soak.py; the README reports the 20-run figure)."""
+    r = subprocess.run([sys.executable, "tests/kill9_soak.py", "--runs=1", "--seed=3"], cwd=repo_root,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["all_equal_to_uninterrupted"] and summary["total_kills"] >= 1

@@ -8,7 +8,7 @@ so attention never crosses a document boundary, and `positions` restart at each 
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import grain
 import numpy as np

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -81,7 +81,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.token_bytes = np.asarray(table, np.int32)
 
     @classmethod
-    def load(cls, path: str) -> "SentencePieceTokenizer":
+    def load(cls, path: str) -> SentencePieceTokenizer:
         with open(path, "rb") as f:
             return cls(f.read())
 

@@ -97,7 +97,7 @@ class ModelConfig:
             return 64 * -(-int(8 * self.d_model / 3) // 64)
         return 4 * self.d_model
 
-    def replace(self, **kw) -> "ModelConfig":
+    def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
 

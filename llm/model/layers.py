@@ -8,9 +8,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm.sharding import constrain
 from llm.model.config import ModelConfig
 from llm.model.registries import MLP, NORM
+from llm.sharding import constrain
 
 
 def dtypes(cfg: ModelConfig):

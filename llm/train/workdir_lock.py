@@ -15,7 +15,7 @@ class WorkdirLock:
         self.path = os.path.join(workdir, ".lock")
         self.f = None
 
-    def __enter__(self) -> "WorkdirLock":
+    def __enter__(self) -> WorkdirLock:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.f = open(self.path, "a+")
         try:
