@@ -8,6 +8,7 @@ restores on another mesh or on a single CPU.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -51,13 +52,18 @@ class Checkpointer:
     def restore(self, step: int, abstract_state, data_iter=None):
         """(state, config dict) at `step`; data_iter (if given) is restored in place."""
         args = {"state": ocp.args.StandardRestore(abstract_state), "config": ocp.args.JsonRestore()}
+        data_state = None
         if data_iter is not None:
-            args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            data_state = _other_process_count_data_state(os.path.join(self.directory, str(step), "data"))
+            if data_state is None:
+                args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
             out = self.mngr.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # orbax raises many types for damaged directories
             raise CheckpointCorrupt(f"checkpoint {self.directory}/{step} cannot be restored: {e}") from e
         _verify(out["state"], abstract_state, step)
+        if data_state is not None:
+            data_iter.set_state(data_state)
         return out["state"], out["config"]
 
     def restore_latest(self, abstract_state, data_iter=None):
@@ -91,6 +97,28 @@ class Checkpointer:
     def close(self) -> None:
         self.mngr.wait_until_finished()
         self.mngr.close()
+
+
+def _other_process_count_data_state(data_dir: str) -> dict | None:
+    """The data-iterator state of a checkpoint written by another process count; None if this
+    process's own `process_i-of-n.json` is there (grain restores it) or there is none.
+
+    grain keeps one file per process and refuses other counts, which would make a pod checkpoint
+    look damaged on one host. Every process's iterator stands at the same global batch
+    (pipeline.train_dataset), so their states are identical and any one fits every process.
+    """
+    own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    files = sorted(glob.glob(os.path.join(data_dir, "process_*-of-*.json")))
+    if not files or os.path.exists(own):
+        return None
+    states = []
+    for f in files:
+        with open(f) as fh:
+            states.append(json.load(fh))
+    if any(s != states[0] for s in states):
+        raise CheckpointCorrupt(f"{data_dir}: the data-iterator states of the {len(files)} processes that "
+                                f"wrote it differ; it can only be restored with {len(files)} processes")  # fmt: skip
+    return states[0]
 
 
 def _verify(state, abstract_state, step: int) -> None:

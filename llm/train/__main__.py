@@ -21,6 +21,12 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare.py", "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, tokenizer).")
+_STOP_AT = flags.DEFINE_integer(
+    "stop_at",
+    None,
+    "End this invocation at this step with a checkpoint, as a preemption would; the schedule "
+    "still follows config.train.steps, and the same command without --stop_at resumes.",
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -37,7 +43,7 @@ def main(argv):
         cfg = from_config_dict(_CONFIG.value)
         if cfg.train.distributed:
             runtime.init_distributed()
-        train(cfg, _WORKDIR.value)
+        train(cfg, _WORKDIR.value, stop_at=_STOP_AT.value)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

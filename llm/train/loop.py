@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from llm import sharding
 from llm.checkpoint import Checkpointer
@@ -106,9 +107,13 @@ def build(cfg: RunConfig, workdir: str, devices=None) -> Experiment:
         train_docs, eval_docs = docs, sources.read_documents(cfg.data.eval_corpus, cfg.data.text_field)
     else:
         train_docs, eval_docs = sources.split_documents(docs, cfg.data.eval_fraction)
-    tok = build_tokenizer(cfg.data.tokenizer, workdir, train_docs)
     if jax.process_index() == 0:
-        tok.save(workdir)
+        build_tokenizer(cfg.data.tokenizer, workdir, train_docs).save(workdir)
+    if jax.process_count() > 1:
+        # Other processes read the tokenizer only after process 0 has written it (reading during the
+        # write could see half a file); without a shared workdir they train the same one themselves.
+        multihost_utils.sync_global_devices("llm.build: tokenizer saved")
+    tok = build_tokenizer(cfg.data.tokenizer, workdir, train_docs)
     model_cfg = resolve_vocab(cfg.model, tok)
     cfg = dataclasses.replace(cfg, model=model_cfg)
 

@@ -1,0 +1,1 @@
+"""Launchers: local multi-process, Cloud TPU pods, SLURM GPU clusters, and the AOT compile check."""
