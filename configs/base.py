@@ -84,6 +84,7 @@ def get_config() -> config_dict.ConfigDict:
     t.nan_policy = "stop"  # stop | skip
     t.progress = True
     t.distributed = False
+    t.peak_tflops = p(float)  # per-device peak for MFU; unset = llm/flops.py table by chip
 
     c.checkpoint = config_dict.ConfigDict()
     c.checkpoint.every = 200

@@ -88,6 +88,7 @@ class TrainConfig:
     nan_policy: str = "stop"  # stop | skip
     progress: bool = True  # tqdm progress bar on the console
     distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+    peak_tflops: float | None = None  # per-device peak TFLOP/s for MFU; None = llm/flops.py table
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,8 @@ class RunConfig:
         if d.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len="
                               f"{m.max_seq_len}; raise model.max_seq_len or lower data.seq_len")  # fmt: skip
+        if t.peak_tflops is not None and t.peak_tflops <= 0:
+            raise ConfigError(f"train.peak_tflops={t.peak_tflops} must be > 0 (or unset for the chip table)")
         if t.nan_policy not in ("stop", "skip"):
             raise ConfigError(f"unknown train.nan_policy {t.nan_policy!r}; valid choices: stop, skip")
 

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from llm import sharding
+from llm import flops, sharding
 from llm.checkpoint import Checkpointer
 from llm.config import ConfigError, RunConfig
 from llm.data import pipeline, sources
@@ -281,6 +281,7 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
     writer = MetricWriter(workdir)
     signals = _Signals()
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    throughput = flops.Throughput(cfg.model, cfg.data.seq_len, exp.mesh.devices.flat, cfg.train.peak_tflops)
     if is_main:
         print(f"model: {n_params:,} parameters | mesh {dict(exp.mesh.shape)} | vocab "
               f"{cfg.model.vocab_size} | {len(exp.train_windows)} train windows of {cfg.data.seq_len} "
@@ -312,6 +313,7 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
                 row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
                 row["nonfinite"] = float(sum(m["nonfinite"] for m in host))
                 row["tokens_per_sec"] = tokens_per_step * steps_window / dt
+                row.update(throughput.metrics(row["tokens_per_sec"]))  # tflops_per_device, mfu
                 row["skipped_total"] = int(jax.device_get(state.skipped))
                 t_window, steps_window = time.perf_counter(), 0
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:

@@ -1,0 +1,88 @@
+"""Analytic training FLOPs per token, per-chip peak FLOP/s, and model FLOPs utilisation (MFU).
+
+Per token of a training step (forward + backward = 3x the forward's 2 FLOPs per multiply-add):
+
+    flops_per_token = 6 * (N_matmul + D*V) + 12 * L * T * N*H
+
+- N_matmul: weights of every matmul in the blocks, embeddings excluded (attention q, k, v, out;
+  MLP in/out, or gate/up/down for SwiGLU). Biases and norm scales are left out (a few D per layer).
+- D*V: the LM head (the tied embedding table or lm_head), a matmul although it is an embedding.
+  The input embedding is a gather, 0 FLOPs.
+- 12*L*T*N*H: attention scores q.k and the weighted sum p.v, 2*T*N*H multiply-adds each per token
+  and layer, times 3 for training. Counted over the full T x T square as in PaLM (Chowdhery et al.
+  2022, appendix B) although causal masking could skip half; N*H = D in the usual layouts.
+
+MFU = flops_per_token * tokens/s / (devices * peak). Remat recomputation is not counted (that
+would be hardware FLOPs utilisation), so MFU compares layouts and remat policies fairly.
+"""
+
+from __future__ import annotations
+
+from llm.model.config import ModelConfig
+
+# Dense peak TFLOP/s per chip (one JAX device) by compute dtype, from the vendors' data sheets.
+# float32 on GPUs: JAX's default matmul precision runs fp32 dots on TF32 tensor cores, so that is
+# the reachable peak. TPUs have no separate fp32 matmul peak (fp32 dots run as bf16 passes), so
+# fp32 there gives no MFU unless train.peak_tflops says what to compare with.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "TPU v4": {"bfloat16": 275.0},
+    "TPU v5e": {"bfloat16": 197.0},
+    "TPU v5p": {"bfloat16": 459.0},
+    "TPU v6e": {"bfloat16": 918.0},
+    "H100 PCIe": {"bfloat16": 756.0, "float16": 756.0, "float32": 378.0},
+    "H100": {"bfloat16": 989.0, "float16": 989.0, "float32": 494.0},  # SXM
+    "H200": {"bfloat16": 989.0, "float16": 989.0, "float32": 494.0},
+    "A100": {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0},
+}
+
+# jax Device.device_kind -> table key; first match wins, so the more specific names come first.
+_KIND_PATTERNS: list[tuple[str, str]] = [
+    ("v6 lite", "TPU v6e"), ("v6e", "TPU v6e"),
+    ("v5 lite", "TPU v5e"), ("v5e", "TPU v5e"), ("v5p", "TPU v5p"), ("TPU v5", "TPU v5p"),
+    ("TPU v4", "TPU v4"),
+    ("H100 PCIe", "H100 PCIe"), ("H100", "H100"), ("H200", "H200"), ("A100", "A100"),
+]  # fmt: skip
+
+
+def chip_name(device_kind: str) -> str | None:
+    """Table key for a jax device_kind ('TPU v5 lite' -> 'TPU v5e'); None if unknown (e.g. CPU)."""
+    return next((key for pat, key in _KIND_PATTERNS if pat.lower() in device_kind.lower()), None)
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+    """Dense peak TFLOP/s of one device for the compute dtype, or None if not in the table."""
+    name = chip_name(device_kind)
+    return PEAK_TFLOPS.get(name, {}).get(dtype) if name else None
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights of the matmuls in all blocks (the N_matmul above); embeddings and head excluded."""
+    d, h = cfg.d_model, cfg.head_dim
+    n, k = cfg.attention.n_heads, cfg.attention.kv_heads
+    attn = d * n * h + 2 * d * k * h + n * h * d  # q, k, v, out
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.ffn_dim
+    return cfg.n_layers * (attn + mlp)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token at sequence length `seq_len`."""
+    head = cfg.d_model * cfg.vocab_size
+    attention = 12 * cfg.n_layers * seq_len * cfg.attention.n_heads * cfg.head_dim
+    return 6.0 * (matmul_params(cfg) + head) + attention
+
+
+class Throughput:
+    """Turns tokens/s into `tflops_per_device` and (where a peak is known) `mfu` metrics."""
+
+    def __init__(self, cfg: ModelConfig, seq_len: int, devices, peak_override: float | None = None):
+        devices = list(devices)
+        self.n_devices = len(devices)
+        self.flops_per_token = flops_per_token(cfg, seq_len)
+        self.peak = peak_override or peak_tflops(devices[0].device_kind, cfg.dtype)
+
+    def metrics(self, tokens_per_sec: float) -> dict[str, float]:
+        tflops = self.flops_per_token * tokens_per_sec / self.n_devices / 1e12
+        out = {"tflops_per_device": tflops}
+        if self.peak:
+            out["mfu"] = tflops / self.peak
+        return out
