@@ -28,6 +28,9 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "matplotlib>=3.8"],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
+        # Compile-only TPU topologies on any machine (launch/aot_check.py): jax[tpu] brings the
+        # libtpu wheel that matches jax (jax 0.10.2 -> libtpu 0.0.42.*).
+        "aot": ["jax[tpu]>=0.10.2,<0.13"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
         "torch": ["torch==2.13.0", "transformers>=4.45"],
     },
