@@ -27,6 +27,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB_ENV = ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 GRACE_S = 20.0  # after a failure, how long the other processes get to exit before SIGKILL
+SIGNAL_GRACE_S = 120.0  # after a forwarded SIGTERM/SIGINT and a first exit, how long the rest get
 
 
 def free_port() -> int:
@@ -87,7 +88,10 @@ def launch(
         t.start()
         pumps.append(t)
 
+    forwarded: list[int] = []
+
     def forward(signum, frame):
+        forwarded.append(signum)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
@@ -99,7 +103,11 @@ def launch(
         while any(p.poll() is None for p in procs):
             codes = [p.poll() for p in procs]
             bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-            if bad and failed is None:
+            if forwarded and any(c is not None for c in codes) and deadline is None:
+                # After a forwarded signal every process saves its part of the checkpoint and exits
+                # 143/130 on its own; one that has not within the grace period is stuck.
+                deadline = time.time() + SIGNAL_GRACE_S
+            elif bad and failed is None and not forwarded:
                 i, failed = bad[0]
                 out.write(f"[launch] process {i} exited with {failed}; stopping the others\n")
                 for p in procs:
