@@ -215,15 +215,20 @@ def check(cfg, topo: Topology, force_cpu: bool = False, log=print) -> dict:
                  out_shardings=(shardings, None), donate_argnums=0)  # fmt: skip
 
     n_params = state_lib.count_params(abstract.params)
+    # Params + optimizer state held by one device, from the shardings alone (no compile needed).
+    state_bytes = sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+                      for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))  # fmt: skip
     slices = f", {topo.num_slices} slices over DCN" if topo.num_slices > 1 else ""
     report = {
         "topology": topo.name, "num_slices": topo.num_slices, "devices": topo.n_devices,
         "device_kind": devices[0].device_kind, "backend": "cpu" if fake else "tpu", "mesh": dict(mesh.shape),
         "params": n_params, "batch": cfg.train.batch_size, "seq_len": t, "hbm_gib": topo.chip.hbm_gib,
+        "state_bytes_per_device": state_bytes,
     }  # fmt: skip
     log(f"AOT check: TPU {topo.name} ({topo.n_devices} devices{slices}) via {backend}")
     log(f"model {fmt_count(n_params)} parameters | mesh {dict(mesh.shape)} | global batch "
         f"{cfg.train.batch_size} x {t} tokens | dtype {cfg.model.dtype}, remat {cfg.model.remat}")  # fmt: skip
+    log(f"train state (params + optimizer) per device: {fmt_bytes(state_bytes)}")
     t0 = time.perf_counter()
     try:
         compiled = fn.lower(state_in, batch_in).compile()

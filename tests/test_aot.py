@@ -25,6 +25,7 @@ def test_tiny_compiles_and_fits_on_v5e():
     mem = report["memory_bytes"]
     assert 0 < mem["peak"] < 1024**3 and mem["arguments"] > 0
     assert mem["aliased"] > 0  # the donated train state is updated in place
+    assert 0 < report["state_bytes_per_device"] <= mem["arguments"]  # arguments = state + batch shards
 
 
 @needs_libtpu
