@@ -229,6 +229,16 @@ def check(cfg, topo: Topology, force_cpu: bool = False, log=print) -> dict:
     log(f"model {fmt_count(n_params)} parameters | mesh {dict(mesh.shape)} | global batch "
         f"{cfg.train.batch_size} x {t} tokens | dtype {cfg.model.dtype}, remat {cfg.model.remat}")  # fmt: skip
     log(f"train state (params + optimizer) per device: {fmt_bytes(state_bytes)}")
+    # A mesh axis that does not divide an array's dimension is dropped for it (replicated), e.g.
+    # fsdp=256 with d_model=1600: say so, since that silently multiplies the state per device.
+    total = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract))
+    split, want = total / state_bytes, mesh.shape["fsdp"] * mesh.shape["tensor"]
+    if split < want / 2:
+        m = cfg.model
+        log(f"warning: the train state is split only ~{split:.0f} ways, not fsdp*tensor = {want}: mesh sizes "
+            f"must divide the dimensions they shard (d_model {m.d_model}, heads {m.attention.n_heads}, "
+            f"kv heads {m.attention.kv_heads}, ffn {m.ffn_dim}, vocab {m.vocab_size}) or those arrays are "
+            f"replicated")  # fmt: skip
     t0 = time.perf_counter()
     try:
         compiled = fn.lower(state_in, batch_in).compile()

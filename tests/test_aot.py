@@ -44,12 +44,14 @@ def test_too_big_does_not_fit(capsys):
     assert "does not fit" in capsys.readouterr().out
 
 
-def test_cpu_fallback_says_so(capsys):
-    report = aot_check.check(
-        tiny_cfg(**TINY), aot_check.parse_topology("v5p:2x2x1"), force_cpu=True, log=print
-    )
-    assert report["backend"] == "cpu" and report["compiles"] and report["devices"] == 4
-    assert "via fake CPU devices" in capsys.readouterr().out
+def test_cpu_fallback_and_replication_warning(capsys):
+    """fsdp=3 divides none of d_model 64, ffn 256, vocab 320: the state stays whole on every device."""
+    cfg = tiny_cfg(**TINY, **{"mesh.data": 1, "mesh.fsdp": 3, "train.batch_size": 9})
+    report = aot_check.check(cfg, aot_check.parse_topology("v5p:3x1x1"), force_cpu=True, log=print)
+    assert report["backend"] == "cpu" and report["compiles"] and report["devices"] == 3
+    out = capsys.readouterr().out
+    assert "via fake CPU devices" in out
+    assert "warning: the train state is split only ~1 ways, not fsdp*tensor = 3" in out
 
 
 def test_topology_names():
