@@ -107,10 +107,15 @@ def tpu_devices(topo: Topology) -> list:
     """Compile-only TPU devices for the topology (needs the libtpu wheel, no TPU)."""
     from jax.experimental import topologies  # noqa: PLC0415
 
-    desc = topologies.get_topology_desc(
-        platform="tpu", topology_name=topo.name, chip_config_name=topo.chip.chip_config,
-        num_slices=topo.num_slices,
-    )  # fmt: skip
+    try:
+        desc = topologies.get_topology_desc(
+            platform="tpu", topology_name=topo.name, chip_config_name=topo.chip.chip_config,
+            num_slices=topo.num_slices,
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 (JaxRuntimeError from libtpu)
+        raise ValueError(
+            f"libtpu does not accept the topology {topo.name} x {topo.num_slices} slices: {e}"
+        ) from e
     return list(desc.devices)
 
 
