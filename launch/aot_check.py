@@ -149,7 +149,7 @@ def with_slices(cfg, topo: Topology, fake: bool):
         )
     new = {"dcn_" + ax: v for ax, v in dcn.items()}
     if fake:
-        ici = m.resolved_shape(topo.n_devices)[0]
+        ici = dataclasses.replace(m, **new).resolved_shape(topo.n_devices)[0]  # per slice
         new = {
             **{ax: ici[i] * dcn[ax] for i, ax in enumerate(MESH_AXES)},
             **{"dcn_" + ax: 1 for ax in MESH_AXES},

@@ -54,6 +54,16 @@ def test_cpu_fallback_and_replication_warning(capsys):
     assert "warning: the train state is split only ~1 ways, not fsdp*tensor = 3" in out
 
 
+def test_slices_go_on_dcn_or_fold_into_fake_devices():
+    topo = aot_check.parse_topology("v5e:2x2", num_slices=2)
+    mesh = aot_check.with_slices(tiny_cfg(**{"mesh.fsdp": 2}), topo, fake=False).mesh
+    assert (mesh.data, mesh.fsdp, mesh.dcn_data, mesh.dcn_fsdp) == (-1, 2, 2, 1)
+    mesh = aot_check.with_slices(tiny_cfg(**{"mesh.fsdp": 2}), topo, fake=True).mesh
+    assert (mesh.data, mesh.fsdp, mesh.dcn_data) == (4, 2, 1)  # same 8-device mesh, no DCN
+    with pytest.raises(ValueError, match="multiply to 4 but --num_slices=2"):
+        aot_check.with_slices(tiny_cfg(**{"mesh.dcn_fsdp": 4}), topo, fake=False)
+
+
 def test_topology_names():
     assert aot_check.parse_topology("v5p:4x4x4").n_devices == 64
     assert aot_check.parse_topology("v5litepod:16x16", num_slices=2).n_devices == 512
