@@ -32,7 +32,7 @@ setup(
         # libtpu wheel that matches jax (jax 0.10.2 -> libtpu 0.0.42.*).
         "aot": ["jax[tpu]>=0.10.2,<0.13"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
-        "torch": ["torch==2.13.0", "transformers>=4.45"],
+        "torch": ["torch==2.13.0", "transformers>=4.45", "psutil>=5.9"],  # + benchmarks/decode.py
     },
     entry_points={
         "console_scripts": [

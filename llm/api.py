@@ -26,8 +26,9 @@ class Loaded:
     model: Transformer
     step: int
 
-    def generate(self, prompt: str, **kw) -> str:
-        from llm.infer.sampling import generate  # noqa: PLC0415
+    def generate(self, prompt: str | list[str], **kw) -> str | list[str]:
+        """Continuation(s) of a prompt or a batch of prompts; see llm.infer.generation.generate."""
+        from llm.infer.generation import generate  # noqa: PLC0415
 
         return generate(self.model, self.params, self.tokenizer, prompt, **kw)
 

@@ -1,6 +1,8 @@
 """`python -m llm.sample --workdir=<dir> --prompt="ROMEO:" --max_new_tokens=200 ...`
 
-Prints a continuation of the prompt from the run's latest checkpoint, streaming to the console.
+Prints a continuation of the prompt from the run's latest checkpoint, streaming to the console
+(KV-cached engine: one prefill, then one cached decode step per token). `--quantize=int8` stores
+the weights as int8 with per-output-channel scales.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = al
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_REP = flags.DEFINE_float("repetition_penalty", 1.0, "CTRL repetition penalty (1 = off).")
+_QUANT = flags.DEFINE_enum("quantize", "none", ["none", "int8"], "Weight-only quantization.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -26,7 +30,7 @@ def main(argv):
 
     runtime.setup()
     import llm  # noqa: PLC0415
-    from llm.infer.sampling import generate_stream  # noqa: PLC0415
+    from llm.infer.generation import generate_stream  # noqa: PLC0415
 
     try:
         run = llm.load(_WORKDIR.value, _STEP.value)
@@ -37,6 +41,7 @@ def main(argv):
     for piece in generate_stream(
         run.model, run.params, run.tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
         temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+        repetition_penalty=_REP.value, quantize=_QUANT.value,
     ):  # fmt: skip
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -1,16 +1,12 @@
-"""Token sampling (greedy, temperature, top-k, top-p) and a simple windowed generator.
+"""Token choice from logits: greedy, temperature, top-k, top-p and a repetition penalty.
 
-The generator recomputes the forward pass over a fixed window each step: simple and correct for
-every positional kind. (A KV-cached prefill/decode engine is the inference issue's work.)
+Generation itself (KV cache, prefill, decode loop) is in llm/infer/engine.py and generation.py.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 NEG_INF = -1e30
 
@@ -40,44 +36,11 @@ def sample_logits(rng, logits_BV, temperature: float = 1.0, top_k: int = 0, top_
     return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
 
 
-def make_next_token_fn(model, window: int, temperature, top_k, top_p) -> Callable:
-    @jax.jit
-    def next_token(params, tokens_1W, length, rng):
-        logits = model.apply({"params": params}, tokens_1W)
-        last_1V = jax.lax.dynamic_slice_in_dim(logits, length - 1, 1, axis=1)[:, 0]
-        return sample_logits(rng, last_1V, temperature, top_k, top_p)[0]
-
-    return next_token
+def penalize_repetition(logits_BV, seen_BV, penalty: float):
+    """CTRL (Keskar et al. 2019): divide positive / multiply negative logits of seen tokens by `penalty`."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    penalized_BV = jnp.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
+    return jnp.where(seen_BV, penalized_BV, logits_BV)
 
 
-def generate_stream(
-    model, params, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-    top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
-) -> Iterator[str]:  # fmt: skip
-    """Yield decoded text pieces as tokens are sampled (seeded: same seed, same text)."""
-    window = model.cfg.max_seq_len
-    step_fn = make_next_token_fn(model, window, temperature, top_k, top_p)
-    ids = list(tokenizer.encode(prompt)) or [tokenizer.eos_id]
-    rng = jax.random.PRNGKey(seed)
-    emitted = ""
-    n_prompt = len(ids)
-    for i in range(max_new_tokens):
-        ctx = ids[-window:]
-        buf = np.zeros((1, window), np.int32)
-        buf[0, : len(ctx)] = ctx
-        tok = int(step_fn(params, buf, len(ctx), jax.random.fold_in(rng, i)))
-        if stop_at_eos and tok == tokenizer.eos_id:
-            break
-        ids.append(tok)
-        text = tokenizer.decode(ids[n_prompt:])
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            yield text[len(emitted) :]
-            emitted = text
-
-
-def generate(model, params, tokenizer, prompt: str, **kw) -> str:
-    """The prompt's continuation as one string."""
-    return "".join(generate_stream(model, params, tokenizer, prompt, **kw))
-
-
-__all__ = ["filter_logits", "generate", "generate_stream", "sample_logits"]
+__all__ = ["filter_logits", "penalize_repetition", "sample_logits"]

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llm.sharding import constrain
 from llm.model.config import ModelConfig
 from llm.model.layers import dtypes, init, out_proj_std, zeros
 from llm.model.positional import Positional
 from llm.model.registries import ATTENTION, ATTENTION_IMPL
+from llm.sharding import constrain
 
 NEG_INF = -1e30  # finite: a fully masked row gives a uniform row, not NaN
 
@@ -28,6 +28,8 @@ def einsum_attention(module, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, deter
     if bias_BNTS is not None:
         scores_BKGTS = scores_BKGTS + bias_BNTS.reshape(b, kv, n // kv, t, -1)
     scores_BKGTS = jnp.where(mask_B1TS[:, :, None], scores_BKGTS, NEG_INF)
+    # Sown for llm.introspect (logit statistics); masked entries stay NEG_INF so readers can tell.
+    module.sow("intermediates", "attn_logits", scores_BKGTS.reshape(b, n, t, -1))
     # Softmax in fp32: bf16 loses the small probabilities of long rows.
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1)
     module.sow("intermediates", "attn_probs", probs_BKGTS.reshape(b, n, t, -1))
@@ -62,7 +64,9 @@ class CausalSelfAttention(nn.Module):
         return self.cfg.attention
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_B1TS, bias_BNTS, deterministic: bool = True):
+    def __call__(self, x_BTD, positions_BT, mask_B1TS, bias_BNTS, deterministic: bool = True,
+                 decode_index=None):  # fmt: skip
+        """`decode_index` is None in training; when decoding, the cache slot of the first new token."""
         cfg, a = self.cfg, self.cfg.attention
         dtype, pdtype = dtypes(cfg)
         n, kv, h = a.n_heads, a.kv_heads, cfg.head_dim
@@ -81,6 +85,9 @@ class CausalSelfAttention(nn.Module):
         q_BTNH = constrain(q_BTNH, ("batch", "length", "act_heads", None))
         k_BSKH = constrain(k_BSKH, ("batch", "length", "act_kv_heads", None))
         v_BSKH = constrain(v_BSKH, ("batch", "length", "act_kv_heads", None))
+        if decode_index is not None:
+            # Keys/values of the T new tokens join the cache; queries then attend over all S slots.
+            k_BSKH, v_BSKH = update_kv_cache(self, k_BSKH, v_BSKH, decode_index)
 
         impl = ATTENTION_IMPL.get(a.impl, "model.attention.impl")
         out_BTNH = impl(self, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, deterministic)
@@ -90,6 +97,22 @@ class CausalSelfAttention(nn.Module):
             kernel_init=init(out_proj_std(cfg), ("heads", "head_dim", "embed")),
             bias_init=zeros(("embed",)), name="out",
         )(out_BTNH)  # fmt: skip
+
+
+def update_kv_cache(module: nn.Module, k_BTKH, v_BTKH, index):
+    """Write new keys/values at slot `index` of the module's 'cache' and return the full cache.
+
+    Only the K kv heads are cached (GQA/MQA keep their memory saving). Keys are cached after the
+    positional rotation, so a cached key never needs its position again. The buffers are created
+    (zero) at the first decode call with that call's length, which is how `init_cache` sizes them.
+    """
+    names = ("batch", "length", "act_kv_heads", None)
+    ck = module.variable("cache", "cached_key", jnp.zeros, k_BTKH.shape, k_BTKH.dtype)
+    cv = module.variable("cache", "cached_value", jnp.zeros, v_BTKH.shape, v_BTKH.dtype)
+    at = (0, index, 0, 0)
+    ck.value = constrain(jax.lax.dynamic_update_slice(ck.value, k_BTKH.astype(ck.value.dtype), at), names)
+    cv.value = constrain(jax.lax.dynamic_update_slice(cv.value, v_BTKH.astype(cv.value.dtype), at), names)
+    return ck.value, cv.value
 
 
 def _positional(cfg: ModelConfig) -> Positional:

@@ -6,11 +6,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm.sharding import constrain
 from llm.model.attention import _positional
 from llm.model.config import ModelConfig
 from llm.model.layers import dtypes, init, make_norm
 from llm.model.registries import ATTENTION, MLP, REMAT
+from llm.sharding import constrain
 
 # Remat policies: what the backward pass may keep instead of recomputing. "none" = no remat.
 REMAT.register("none")(None)
@@ -28,7 +28,7 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_B1TS, bias_BNTS, deterministic: bool):
+    def __call__(self, x_BTD, positions_BT, mask_B1TS, bias_BNTS, decode_index, deterministic: bool):
         cfg = self.cfg
         attn = ATTENTION.get(cfg.attention.kind, "model.attention.kind")(cfg, name="attn")
         mlp = MLP.get(cfg.mlp, "model.mlp")(cfg, name="mlp")
@@ -36,7 +36,8 @@ class Block(nn.Module):
         drop = nn.Dropout(cfg.dropout)
 
         def attn_branch(h):
-            return drop(attn(h, positions_BT, mask_B1TS, bias_BNTS, deterministic), deterministic)
+            out = attn(h, positions_BT, mask_B1TS, bias_BNTS, deterministic, decode_index=decode_index)
+            return drop(out, deterministic)
 
         if cfg.norm_position == "pre":
             x_BTD = x_BTD + attn_branch(norm1(x_BTD))
@@ -55,13 +56,40 @@ def attention_mask(segment_ids_BT):
     return (causal_TS[None] & same_doc_BTS)[:, None]
 
 
+def decode_context(module: nn.Module, positions_BT, segment_ids_BT):
+    """Mask, key positions and write slot for T new tokens joining the decode cache.
+
+    The model-level cache holds, per row and slot, the token's position and whether the slot holds
+    a real token (padding and empty slots do not), so rows of different lengths share one cache.
+    Returns mask B 1 T S (a query sees valid slots up to its own), key positions B S, the slot.
+    """
+    b, t = positions_BT.shape
+    index = module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    key_pos = module.variable("cache", "key_pos", jnp.zeros, (b, t), jnp.int32)
+    key_valid = module.variable("cache", "key_valid", jnp.zeros, (b, t), jnp.bool_)
+    start = index.value
+    key_pos.value = jax.lax.dynamic_update_slice(key_pos.value, positions_BT.astype(jnp.int32), (0, start))
+    key_valid.value = jax.lax.dynamic_update_slice(key_valid.value, segment_ids_BT != 0, (0, start))
+    index.value = start + t
+    slot_S = jnp.arange(key_pos.value.shape[1])
+    query_slot_T = start + jnp.arange(t)
+    causal_TS = slot_S[None, :] <= query_slot_T[:, None]
+    mask_B1TS = (key_valid.value[:, None, :] & causal_TS[None])[:, None]
+    return mask_B1TS, key_pos.value, start
+
+
 class Transformer(nn.Module):
-    """tokens B T -> logits B T V. `positions` restart at 0 in each packed document."""
+    """tokens B T -> logits B T V. `positions` restart at 0 in each packed document.
+
+    With `decode=True` the call appends its T tokens to the 'cache' collection (pass it mutable)
+    and attends over everything cached so far; segment id 0 then marks padding tokens.
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, deterministic=True):
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, deterministic=True,
+                 decode: bool = False):  # fmt: skip
         cfg = self.cfg
         dtype, pdtype = dtypes(cfg)
         b, t = tokens_BT.shape
@@ -90,8 +118,11 @@ class Transformer(nn.Module):
         x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic)
         x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
 
-        mask_B1TS = attention_mask(segment_ids_BT)
-        bias_BNTS = pos.bias(positions_BT, positions_BT, cfg.attention.n_heads)
+        if decode:
+            mask_B1TS, key_pos_BS, decode_index = decode_context(self, positions_BT, segment_ids_BT)
+        else:
+            mask_B1TS, key_pos_BS, decode_index = attention_mask(segment_ids_BT), positions_BT, None
+        bias_BNTS = pos.bias(positions_BT, key_pos_BS, cfg.attention.n_heads)
 
         block_cls = Block
         policy = REMAT.get(cfg.remat, "model.remat")
@@ -102,17 +133,19 @@ class Transformer(nn.Module):
         if cfg.scan_layers:
             scanned = nn.scan(
                 lambda blk, x, *args: (blk(x, *args, deterministic), None),
-                variable_axes={"params": 0, "intermediates": 0, "losses": 0},
+                variable_axes={"params": 0, "intermediates": 0, "losses": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BTD, _ = scanned(block_cls(cfg, name="layers"), x_BTD, positions_BT, mask_B1TS, bias_BNTS)
+            x_BTD, _ = scanned(
+                block_cls(cfg, name="layers"), x_BTD, positions_BT, mask_B1TS, bias_BNTS, decode_index
+            )
         else:
             for i in range(cfg.n_layers):
                 x_BTD = block_cls(cfg, name=f"layer_{i}")(
-                    x_BTD, positions_BT, mask_B1TS, bias_BNTS, deterministic
+                    x_BTD, positions_BT, mask_B1TS, bias_BNTS, decode_index, deterministic
                 )
 
         if cfg.norm_position == "pre":
