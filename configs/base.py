@@ -49,6 +49,7 @@ def get_config() -> config_dict.ConfigDict:
     d.eval_fraction = 0.1
     d.text_field = "text"
     d.seq_len = 256
+    d.shift_windows = True  # each epoch starts its windows at a new seeded offset (augmentation)
     d.seed = 0
     d.worker_threads = 2
     d.tokenizer = config_dict.ConfigDict()
@@ -85,6 +86,7 @@ def get_config() -> config_dict.ConfigDict:
     t.progress = True
     t.distributed = False
     t.peak_tflops = p(float)  # per-device peak for MFU; unset = llm/flops.py table by chip
+    t.profile_steps = 0  # >0: trace this many steps (after the compiling one) to <workdir>/profile
 
     c.checkpoint = config_dict.ConfigDict()
     c.checkpoint.every = 200

@@ -48,6 +48,7 @@ class DataConfig:
     eval_fraction: float = 0.1
     text_field: str = "text"  # JSONL field holding the document text
     seq_len: int = 256
+    shift_windows: bool = True  # each epoch tiles the stream from a new seeded offset
     seed: int = 0
     worker_threads: int = 2  # grain prefetch threads
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -89,6 +90,7 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar on the console
     distributed: bool = False  # call jax.distributed.initialize() (multi-host)
     peak_tflops: float | None = None  # per-device peak TFLOP/s for MFU; None = llm/flops.py table
+    profile_steps: int = 0  # >0: jax.profiler trace of this many steps into <workdir>/profile
 
 
 @dataclass(frozen=True)

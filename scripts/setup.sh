@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r requirements.txt -e ".[dev]"
+.venv/bin/python -m pip install -q -r requirements.txt -e ".[dev${LLM_EXTRAS:+,$LLM_EXTRAS}]"

@@ -140,3 +140,16 @@ def test_bad_data_errors(tmp_path):
 def test_shipped_corpus_is_present():
     path = sources.resolve_paths("builtin:tinyshakespeare.txt")[0]
     assert os.path.getsize(path) == 1_115_394
+
+
+def test_shifted_windows_cover_each_epoch_from_a_new_offset():
+    w = _windows(n=10, t=8)  # stream 0..80, 10 windows; with shifting 9 per epoch
+    it = pipeline.train_iterator(pipeline.train_dataset(w, 3, seed=5, shift_windows=True), threads=0)
+    rows = np.concatenate([next(it)["tokens"] for _ in range(6)])  # 18 rows = 2 epochs of 9
+    offsets = [sorted(set((r[0] % 8) for r in rows[e * 9 : (e + 1) * 9])) for e in range(2)]
+    assert all(len(o) == 1 for o in offsets)  # one offset per epoch...
+    assert offsets[0] != offsets[1]  # ...and a new one each epoch (seed 5)
+    for e in range(2):  # each epoch still covers windows 0..8 once
+        assert sorted(int(r[0] // 8) for r in rows[e * 9 : (e + 1) * 9]) == list(range(9))
+    for r in rows:  # contiguous text, targets shifted by one
+        np.testing.assert_array_equal(r, np.arange(r[0], r[0] + 8))

@@ -39,10 +39,11 @@ class PackedWindows:
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    def __getitem__(self, i: int, offset: int = 0) -> dict[str, np.ndarray]:
         t = self.seq_len
-        chunk = self.ids[i * t : i * t + t + 1]
-        seg = self.seg[i * t : i * t + t + 1]
+        start = i * t + offset
+        chunk = self.ids[start : start + t + 1]
+        seg = self.seg[start : start + t + 1]
         if len(chunk) < t + 1:  # last, partial window (eval only): pad with segment 0
             pad = t + 1 - len(chunk)
             chunk, seg = np.pad(chunk, (0, pad)), np.pad(seg, (0, pad))
@@ -69,14 +70,20 @@ def stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def train_dataset(
     windows: PackedWindows, global_batch: int, seed: int, process_index: int = 0,
-    process_count: int = 1,
+    process_count: int = 1, shift_windows: bool = False,
 ) -> grain.MapDataset:  # fmt: skip
     """Infinite, seeded, reshuffled each epoch; yields this process's rows of each global batch.
 
     Global batch j is windows order[j*B:(j+1)*B]; process p reads only rows [p*B/P, (p+1)*B/P),
     so any process count sees the same global batches in the same row order.
+
+    With `shift_windows`, epoch e tiles the token stream from a seeded offset in [0, T): a small
+    corpus seen for many epochs then never repeats a window exactly (the model cannot memorise
+    fixed cut points), while each epoch still covers the stream once. One window is dropped to
+    leave room for the offset.
     """
-    if len(windows) < global_batch:
+    n = len(windows) - int(shift_windows)
+    if n < global_batch:
         raise ValueError(
             f"the training split has {len(windows)} windows of data.seq_len={windows.seq_len} "
             f"tokens, fewer than one batch (train.batch_size={global_batch}); use a larger "
@@ -84,11 +91,18 @@ def train_dataset(
         )
     local = global_batch // process_count
     lo = process_index * local
-    order = grain.MapDataset.range(len(windows)).shuffle(seed=seed).repeat(None)
+    t = windows.seq_len
+
+    def with_offset(g: int, i: int) -> np.ndarray:
+        epoch = g // n
+        off = int(np.random.default_rng([seed, epoch]).integers(t)) if shift_windows else 0
+        return np.asarray([i, off], np.int64)
+
+    order = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None).map_with_index(with_offset)
     return (
-        order.batch(global_batch, drop_remainder=True)
-        .map(lambda idx: idx[lo : lo + local])
-        .map(lambda idx: stack([windows[int(i)] for i in idx]))
+        order.batch(global_batch, drop_remainder=True)  # [B, 2]: window index, offset
+        .map(lambda rows: rows[lo : lo + local])
+        .map(lambda rows: stack([windows.__getitem__(int(i), int(o)) for i, o in rows]))
     )
 
 
