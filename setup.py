@@ -26,7 +26,11 @@ setup(
     package_data={"llm.data": ["corpora/*.txt", "corpora/*.md"]},
     install_requires=INSTALL,
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "matplotlib>=3.8"],
+        "dev": [
+            "pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "matplotlib>=3.8",
+            # notebooks: paired .ipynb/.py, executed top to bottom by tests/test_notebooks.py
+            "jupytext==1.19.6", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
+        ],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
         # Compile-only TPU topologies on any machine (launch/aot_check.py): jax[tpu] brings the
         # libtpu wheel that matches jax (jax 0.10.2 -> libtpu 0.0.42.*).
@@ -38,6 +42,8 @@ setup(
         "console_scripts": [
             "llm-train=llm.train.__main__:run",
             "llm-sample=llm.sample:run",
+            "llm-evaluate=llm.evaluate:run",
+            "llm-compare=llm.compare:main",
         ]
     },
 )

@@ -1,0 +1,288 @@
+"""Compare runs: `python -m llm.compare <workdir or sweep root>... [--out=DIR] [--sort=eval_loss]`.
+
+Prints one row per run (final and best held-out loss and bits per byte, tokens/s, parameters,
+wall time, and the config values that differ between the runs) and writes <out>/comparison.png
+(train and held-out loss against step) and <out>/comparison.json. A directory without
+metrics.jsonl is read as a sweep root: every sub-directory with one is a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+# Keys that differ between runs without changing what is trained.
+IGNORED_KEYS = ("train.progress",)
+
+
+@dataclass
+class RunSummary:
+    """What one run's files say about it (NaN where it never evaluated)."""
+
+    name: str
+    workdir: str
+    final_eval_loss: float = math.nan
+    best_eval_loss: float = math.nan
+    final_eval_bpb: float = math.nan
+    best_eval_bpb: float = math.nan
+    final_train_loss: float = math.nan
+    tokens_per_sec: float = math.nan
+    n_params: int | None = None
+    wall_s: float = math.nan
+    last_step: int = 0
+    config: dict[str, Any] = field(default_factory=dict)  # flattened resolved config
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> (step, value)
+
+
+def unfinished_runs(root: str) -> list[str]:
+    """Sub-directories of a sweep root that a sweep set up but that logged no metrics (failed early)."""
+    if not os.path.isdir(root) or os.path.isfile(os.path.join(root, METRICS_FILE)):
+        return []
+    return sorted(
+        d
+        for d in os.listdir(root)
+        if os.path.isfile(os.path.join(root, d, "overrides.json"))
+        and not os.path.isfile(os.path.join(root, d, METRICS_FILE))
+    )
+
+
+def find_runs(paths: list[str]) -> list[str]:
+    """Workdirs named directly, or the runs (sub-directories with metrics) under a sweep root."""
+    found: list[str] = []
+    for p in paths:
+        if os.path.isfile(os.path.join(p, METRICS_FILE)):
+            found.append(p)
+            continue
+        if not os.path.isdir(p):
+            raise FileNotFoundError(f"{p!r} is not a directory")
+        subs = sorted(
+            os.path.join(p, d) for d in os.listdir(p) if os.path.isfile(os.path.join(p, d, METRICS_FILE))
+        )
+        if not subs:
+            raise FileNotFoundError(
+                f"{p!r} has no {METRICS_FILE} and no run directories with one; train first"
+            )
+        found.extend(subs)
+    return found
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "rules":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def summarize(workdir: str, name: str | None = None) -> RunSummary:
+    """Read <workdir>/metrics.jsonl (+ config.json, sweep_result.json) into a RunSummary."""
+    from llm.train.metrics import read_metrics  # noqa: PLC0415
+
+    rows = read_metrics(workdir)
+    s = RunSummary(name=name or os.path.basename(os.path.normpath(workdir)), workdir=workdir)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    # The final row (written once training ends) repeats the last step with only eval keys; a
+    # resumed run re-logs steps, so keep the latest value per step.
+    evals = sorted({r["step"]: r for r in rows if "eval_loss" in r}.values(), key=lambda r: r["step"])
+    s.curves = {
+        "loss": sorted(dict(train).items()),
+        "eval_loss": [(r["step"], r["eval_loss"]) for r in evals],
+        "eval_bpb": [(r["step"], r["eval_bpb"]) for r in evals if "eval_bpb" in r],
+    }
+    if train:
+        s.final_train_loss = s.curves["loss"][-1][1]
+    if evals:
+        s.final_eval_loss, s.best_eval_loss = evals[-1]["eval_loss"], min(r["eval_loss"] for r in evals)
+        bpb = [r["eval_bpb"] for r in evals if "eval_bpb" in r]
+        if bpb:
+            s.final_eval_bpb, s.best_eval_bpb = bpb[-1], min(bpb)
+    # The first logged window includes compilation; the median of the rest is the steady rate.
+    tps = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r]
+    tps = tps[1:] if len(tps) > 1 else tps
+    if tps:
+        s.tokens_per_sec = sorted(tps)[len(tps) // 2]
+    s.n_params = next((r["n_params"] for r in reversed(rows) if "n_params" in r), None)
+    s.last_step = max((r["step"] for r in rows), default=0)
+    result = _read_json(os.path.join(workdir, "sweep_result.json"))
+    if "wall_s" in result:
+        s.wall_s = float(result["wall_s"])
+    else:
+        times = [r["time"] for r in rows if "time" in r]
+        if times:  # a lower bound: misses start-up and the first step's compilation
+            s.wall_s = max(times) - min(times)
+    cfg = _read_json(os.path.join(workdir, "config.json"))
+    if cfg:
+        s.config = _flatten(cfg)
+    else:  # a run that never got as far as writing its config: fall back to the sweep's overrides
+        s.config = dict(_read_json(os.path.join(workdir, "overrides.json")).get("overrides", {}))
+    return s
+
+
+def differing_keys(runs: list[RunSummary]) -> list[str]:
+    """Config keys whose values are not all equal across the runs (in config order)."""
+    keys: list[str] = []
+    for r in runs:
+        keys.extend(k for k in r.config if k not in keys)
+    diff = []
+    for k in keys:
+        values = {json.dumps(r.config[k], sort_keys=True) if k in r.config else "<unset>" for r in runs}
+        if len(values) > 1 and k not in IGNORED_KEYS:
+            diff.append(k)
+    return diff
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _fmt_params(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+
+
+def table(runs: list[RunSummary]) -> str:
+    """A fixed-width text table, one row per run, plus one column per differing config key."""
+    diff = differing_keys(runs)
+    head = ["run", "eval_loss", "best_loss", "eval_bpb", "best_bpb", "tok/s", "params", "wall_s", "step"]
+    head += [
+        k.split(".")[-1] if [d.split(".")[-1] for d in diff].count(k.split(".")[-1]) == 1 else k for k in diff
+    ]
+    rows = []
+    for r in runs:
+        row = [r.name, _fmt(r.final_eval_loss), _fmt(r.best_eval_loss), _fmt(r.final_eval_bpb),
+               _fmt(r.best_eval_bpb), _fmt(r.tokens_per_sec, 0), _fmt_params(r.n_params), _fmt(r.wall_s, 1),
+               str(r.last_step)]  # fmt: skip
+        row += [_fmt(r.config.get(k)) for k in diff]
+        rows.append(row)
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    )
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def plot_curves(runs: list[RunSummary], path: str | None = None, log_y: bool = False):
+    """Train and held-out loss against step, one line per run; saved to `path` (PNG) if given.
+
+    Uses matplotlib's object API (no pyplot), so it never changes a notebook's backend.
+    """
+    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_train, ax_eval = fig.subplots(1, 2, sharey=True)
+    for i, r in enumerate(runs):
+        color = f"C{i % 10}"
+        if r.curves.get("loss"):
+            s, v = zip(*r.curves["loss"])
+            ax_train.plot(s, v, color=color, label=r.name, lw=1.2)
+        if r.curves.get("eval_loss"):
+            s, v = zip(*r.curves["eval_loss"])
+            ax_eval.plot(s, v, color=color, label=r.name, marker="o", ms=3, lw=1.2)
+    for ax, title in ((ax_train, "train loss"), (ax_eval, "held-out loss")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if log_y:
+            ax.set_yscale("log")
+    ax_train.set_ylabel("loss (nats/token)")
+    ax_eval.legend(fontsize=7, loc="upper right")
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def compare(paths: list[str], out: str | None = None, sort: str | None = "final_eval_loss",
+            plot: bool = True) -> tuple[list[RunSummary], str]:  # fmt: skip
+    """Summaries of the runs under `paths`, the printed table, and (if out) PNG + JSON written there."""
+    workdirs = find_runs(paths)
+    roots = [os.path.abspath(p) for p in paths]
+    names = []
+    for w in workdirs:
+        parent = next((r for r in roots if os.path.abspath(w).startswith(r + os.sep)), None)
+        names.append(os.path.relpath(w, parent) if parent else os.path.basename(os.path.normpath(w)))
+    runs = [summarize(w, n) for w, n in zip(workdirs, names)]
+    if sort == "name":
+        runs.sort(key=lambda r: r.name)
+    elif sort:  # NaN (never evaluated) last; tokens/s best first
+        sign = -1 if sort == "tokens_per_sec" else 1
+        runs.sort(key=lambda r: (math.isnan(getattr(r, sort)), sign * getattr(r, sort)))
+    text = table(runs)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        if plot:
+            plot_curves(runs, os.path.join(out, "comparison.png"))
+        diff = differing_keys(runs)
+        with open(os.path.join(out, "comparison.json"), "w") as f:
+            rows = []
+            for r in runs:
+                d = {k: v for k, v in asdict(r).items() if k not in ("config", "curves")}
+                d["differs"] = {k: r.config.get(k) for k in diff}
+                rows.append(
+                    {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+                )
+            json.dump(rows, f, indent=2)
+    return runs, text
+
+
+def default_out(paths: list[str]) -> str:
+    """The sweep root when one directory of runs is given, else the runs' common parent."""
+    if len(paths) == 1 and not os.path.isfile(os.path.join(paths[0], METRICS_FILE)):
+        return paths[0]
+    return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llm.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="+", help="run workdirs and/or sweep roots")
+    p.add_argument("--out", help="where comparison.png/json go (default: the sweep root or common parent)")
+    p.add_argument(
+        "--sort",
+        default="final_eval_loss",
+        choices=("final_eval_loss", "best_eval_loss", "final_eval_bpb", "tokens_per_sec", "name"),
+    )
+    p.add_argument("--no_plot", action="store_true")
+    a = p.parse_args(argv)
+    out = a.out or default_out(a.paths)
+    try:
+        runs, text = compare(a.paths, out, a.sort, plot=not a.no_plot)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    for p in a.paths:
+        missing = unfinished_runs(p)
+        if missing:
+            print(f"\nnot shown (no metrics.jsonl; see their train.log): {', '.join(missing)}")
+    written = [os.path.join(out, "comparison.json")] + (
+        [] if a.no_plot else [os.path.join(out, "comparison.png")]
+    )
+    print(f"\n{len(runs)} runs; wrote {', '.join(written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

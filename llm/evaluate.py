@@ -1,0 +1,414 @@
+"""Evaluation suite on a checkpoint: `python -m llm.evaluate --workdir=<run> [--step=N] [...]`.
+
+- held-out loss, perplexity and bits per byte for each named eval set (`heldout` is the run's own
+  held-out split; any other entry is a corpus spec, e.g. builtin:the-verdict.txt);
+- multiple-choice log-likelihood scoring in the lm-eval-harness style on `shakespeare_next_line`
+  (built deterministically from tiny Shakespeare's held-out tail: given three lines, pick the true
+  next line among length-matched distractor lines from the same tail): accuracy by total
+  log-likelihood (`acc`) and by log-likelihood per byte (`acc_norm`);
+- calibration of those choices: expected calibration error of the model's own probabilities of
+  the choices (renormalised over the choices) and a reliability diagram.
+
+Writes <out>/step_<N>.json and <out>/reliability_step_<N>.png (out defaults to <workdir>/eval).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm.data import pipeline, sources
+from llm.data.tokenizers import Tokenizer
+from llm.train.step import eval_step
+
+HELDOUT = "heldout"
+MC_TASK = "shakespeare_next_line"
+MC_CORPUS = "builtin:tinyshakespeare.txt"
+
+
+# ---- held-out perplexity / bits per byte ------------------------------------------------------
+
+
+def eval_set_documents(spec: str, cfg) -> list[str]:
+    """`heldout` -> the run's held-out split (as training made it); else the documents of `spec`."""
+    if spec == HELDOUT:
+        if cfg.data.eval_corpus:
+            return sources.read_documents(cfg.data.eval_corpus, cfg.data.text_field)
+        docs = sources.read_documents(cfg.data.corpus, cfg.data.text_field)
+        return sources.split_documents(docs, cfg.data.eval_fraction)[1]
+    return sources.read_documents(spec, cfg.data.text_field)
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_fn(model):
+    return jax.jit(
+        lambda params, batch, token_bytes: eval_step(params, batch, model=model, token_bytes=token_bytes)
+    )
+
+
+def language_model_metrics(model, params, tokenizer: Tokenizer, docs: list[str], seq_len: int,
+                           batch_size: int = 8, max_batches: int = 0) -> dict[str, float]:  # fmt: skip
+    """Loss (nats/token), perplexity and bits per byte of `docs`, packed in windows of seq_len."""
+    windows = pipeline.PackedWindows(*pipeline.tokenize(docs, tokenizer), seq_len, include_partial=True)
+    token_bytes = np.zeros(model.cfg.vocab_size, np.int32)
+    token_bytes[: len(tokenizer.token_bytes)] = tokenizer.token_bytes
+    fn = _eval_fn(model)
+    totals = {"nll_sum": 0.0, "n_tokens": 0.0, "n_bytes": 0.0}
+    for batch in pipeline.eval_batches(windows, batch_size, max_batches=max_batches):
+        out = jax.device_get(fn(params, batch, token_bytes))
+        for k in totals:
+            totals[k] += float(out[k])
+    loss = totals["nll_sum"] / max(totals["n_tokens"], 1)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50)),
+        "bits_per_byte": totals["nll_sum"] / math.log(2) / max(totals["n_bytes"], 1),
+        "tokens": int(totals["n_tokens"]),
+        "bytes": int(totals["n_bytes"]),
+    }
+
+
+# ---- multiple choice ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MCExample:
+    """One question: score each choice as a continuation of `context`; `gold` is the right index."""
+
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+
+
+def _is_verse(line: str, min_chars: int) -> bool:
+    s = line.strip()
+    # Speaker headings ("ROMEO:") are all capitals; they would be trivially easy distractors.
+    return len(s) >= min_chars and not (s.endswith(":") and s[:-1].replace(" ", "").isupper())
+
+
+def next_line_task(
+    n_examples: int = 100,
+    n_choices: int = 4,
+    context_lines: int = 3,
+    seed: int = 0,
+    corpus: str = MC_CORPUS,
+    eval_fraction: float = 0.1,
+    min_chars: int = 16,
+) -> list[MCExample]:
+    """Deterministic 'choose the true next line' questions from the held-out tail of `corpus`.
+
+    Targets are verse lines that follow another verse line (mid-speech), spread evenly over the
+    tail; distractors are other verse lines of the tail whose length is within a factor 1.5 of the
+    true line's (so line length alone does not give the answer), drawn with `seed`.
+    """
+    docs = sources.read_documents(corpus)
+    tail = sources.split_documents(docs, eval_fraction)[1]
+    lines = "\n".join(tail).split("\n")
+    verse = [i for i, line in enumerate(lines) if _is_verse(line, min_chars)]
+    pool = sorted({lines[i].strip() for i in verse})
+    targets = [i for i in verse if i >= context_lines and _is_verse(lines[i - 1], 1)]
+    if len(targets) < n_examples:
+        raise ValueError(f"only {len(targets)} candidate lines in the held-out tail of {corpus}; "
+                         f"ask for fewer examples")  # fmt: skip
+    picks = [targets[j] for j in np.linspace(0, len(targets) - 1, n_examples).round().astype(int)]
+    rng = np.random.default_rng(seed)
+    lengths = np.array([len(p) for p in pool])
+    examples = []
+    for i in picks:
+        gold_text = lines[i].strip()
+        ok = np.flatnonzero((lengths >= len(gold_text) / 1.5) & (lengths <= len(gold_text) * 1.5))
+        ok = [j for j in ok if pool[j] != gold_text]
+        distractors = [pool[j] for j in rng.choice(ok, size=n_choices - 1, replace=False)]
+        gold = int(rng.integers(n_choices))
+        choices = distractors[:gold] + [gold_text] + distractors[gold:]
+        context = "\n".join(lines[i - context_lines : i]) + "\n"
+        examples.append(MCExample(context=context, choices=tuple(choices), gold=gold))
+    return examples
+
+
+@functools.lru_cache(maxsize=8)
+def _continuation_fn(model):
+    def fn(params, tokens_BT, targets_BT, segment_ids_BT, mask_BT):
+        t = tokens_BT.shape[1]
+        positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens_BT.shape)
+        logits_BTV = model.apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT)
+        logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+        logp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+        return jnp.sum(logp_BT * mask_BT, axis=-1)
+
+    return jax.jit(fn)
+
+
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str, max_len: int) -> tuple[list[int], int]:
+    """Context ids + continuation ids (encoded separately, as lm-eval does), context cut from the left.
+
+    Returns the ids (at most max_len + 1: inputs plus the shifted last target) and the context length.
+    """
+    ctx_ids, cont_ids = tokenizer.encode(context), tokenizer.encode(continuation)
+    if not cont_ids:
+        raise ValueError(f"continuation {continuation!r} encodes to no tokens")
+    room = max_len + 1 - len(cont_ids)
+    if room < 1:
+        raise ValueError(f"continuation of {len(cont_ids)} tokens does not fit max_len={max_len}")
+    ctx_ids = ctx_ids[-room:] if ctx_ids else []
+    if not ctx_ids:  # no context: condition on a document boundary, as at the start of a text
+        ctx_ids = [tokenizer.eos_id]
+    return ctx_ids + cont_ids, len(ctx_ids)
+
+
+def score_continuations(
+    model, params, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], max_len: int, batch_size: int = 32
+) -> np.ndarray:
+    """log p(continuation | context) summed over its tokens, one per (context, continuation)."""
+    encoded = [encode_pair(tokenizer, c, x, max_len) for c, x in pairs]
+    n = len(encoded)
+    n_pad = -(-n // batch_size) * batch_size
+    tokens, targets = np.zeros((n_pad, max_len), np.int32), np.zeros((n_pad, max_len), np.int32)
+    segs, mask = np.zeros((n_pad, max_len), np.int32), np.zeros((n_pad, max_len), np.float32)
+    for r, (ids, n_ctx) in enumerate(encoded):
+        m = len(ids) - 1
+        tokens[r, :m], targets[r, :m], segs[r, :m] = ids[:-1], ids[1:], 1
+        mask[r, n_ctx - 1 : m] = 1.0  # targets n_ctx..: the continuation's tokens
+    fn = _continuation_fn(model)
+    out = [np.asarray(fn(params, *(a[i : i + batch_size] for a in (tokens, targets, segs, mask))))
+           for i in range(0, n_pad, batch_size)]  # fmt: skip
+    return np.concatenate(out)[:n].astype(np.float64)
+
+
+def choice_probabilities(loglik_C: np.ndarray) -> np.ndarray:
+    """The model's distribution over the choices: p(choice | context) renormalised over them."""
+    z = loglik_C - np.max(loglik_C)
+    return np.exp(z) / np.sum(np.exp(z))
+
+
+def multiple_choice(model, params, tokenizer: Tokenizer, examples: Sequence[MCExample], max_len: int,
+                    batch_size: int = 32, n_bins: int = 10) -> dict[str, Any]:  # fmt: skip
+    """lm-eval-style accuracy (raw and per-byte length-normalised) and calibration of the choices."""
+    pairs = [(ex.context, ch) for ex in examples for ch in ex.choices]
+    ll = score_continuations(model, params, tokenizer, pairs, max_len, batch_size)
+    correct, correct_norm, conf, per_example = [], [], [], []
+    k = 0
+    for ex in examples:
+        ll_C = ll[k : k + len(ex.choices)]
+        k += len(ex.choices)
+        n_bytes_C = np.array([len(c.encode("utf-8")) for c in ex.choices])
+        probs_C = choice_probabilities(ll_C)
+        pred, pred_norm = int(np.argmax(ll_C)), int(np.argmax(ll_C / n_bytes_C))
+        correct.append(pred == ex.gold)
+        correct_norm.append(pred_norm == ex.gold)
+        conf.append(float(probs_C[pred]))
+        per_example.append(
+            {
+                "gold": ex.gold,
+                "pred": pred,
+                "pred_norm": pred_norm,
+                "loglik": [float(v) for v in ll_C],
+                "confidence": float(probs_C[pred]),
+            }
+        )
+    correct_a, conf_a = np.array(correct, float), np.array(conf)
+    ece, bins = expected_calibration_error(conf_a, correct_a, n_bins)
+    n_choices = len(examples[0].choices) if examples else 0
+    return {
+        "n": len(examples),
+        "n_choices": n_choices,
+        "chance": 1.0 / n_choices if n_choices else math.nan,
+        "acc": float(np.mean(correct_a)),
+        "acc_norm": float(np.mean(correct_norm)),
+        "mean_confidence": float(np.mean(conf_a)),
+        "ece": ece,
+        "bins": bins,
+        "examples": per_example,
+    }
+
+
+# ---- calibration -------------------------------------------------------------------------------
+
+
+def expected_calibration_error(confidence_N: np.ndarray, correct_N: np.ndarray,
+                               n_bins: int = 10) -> tuple[float, list[dict]]:  # fmt: skip
+    """ECE = sum_b |B_b|/N * |accuracy(B_b) - mean confidence(B_b)| over equal-width bins of (0, 1].
+
+    Bin b holds confidences in (b/n_bins, (b+1)/n_bins] (Guo et al. 2017); a confidence of exactly
+    0 joins the first bin. Returns the ECE and per-bin {lo, hi, count, accuracy, confidence}.
+    """
+    conf = np.asarray(confidence_N, np.float64)
+    corr = np.asarray(correct_N, np.float64)
+    if conf.shape != corr.shape or conf.ndim != 1:
+        raise ValueError(
+            f"confidence and correct must be 1-d of one length, got {conf.shape} and {corr.shape}"
+        )
+    if conf.size and (conf.min() < 0 or conf.max() > 1):
+        raise ValueError("confidences must lie in [0, 1]")
+    idx = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    ece, bins = 0.0, []
+    for b in range(n_bins):
+        sel = idx == b
+        count = int(sel.sum())
+        acc = float(corr[sel].mean()) if count else math.nan
+        mean_conf = float(conf[sel].mean()) if count else math.nan
+        if count:
+            ece += count / conf.size * abs(acc - mean_conf)
+        bins.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "count": count, "accuracy": acc,
+                     "confidence": mean_conf})  # fmt: skip
+    return float(ece), bins
+
+
+def reliability_diagram(bins: list[dict], path: str | None = None, title: str = "", ece: float | None = None):
+    """Accuracy against confidence per bin, with the diagonal of perfect calibration and bin counts."""
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    fig = Figure(figsize=(4.6, 5.2), layout="constrained")
+    ax, ax_n = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    width = bins[0]["hi"] - bins[0]["lo"] if bins else 0.1
+    lo = [b["lo"] for b in bins]
+    acc = [0.0 if math.isnan(b["accuracy"]) else b["accuracy"] for b in bins]
+    conf = [b["confidence"] for b in bins]
+    ax.bar(lo, acc, width=width, align="edge", edgecolor="k", alpha=0.75, label="accuracy")
+    # The red mark is the bin's mean confidence: where a calibrated bar would end.
+    ax.scatter(
+        [x + width / 2 for x, c in zip(lo, conf) if not math.isnan(c)],
+        [c for c in conf if not math.isnan(c)],
+        color="C3",
+        marker="_",
+        zorder=3,
+        s=200,
+        linewidths=2,
+        label="mean confidence",
+    )
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(title + (f"  (ECE {ece:.3f})" if ece is not None else ""), fontsize=9)
+    ax_n.bar(lo, [b["count"] for b in bins], width=width, align="edge", edgecolor="k", color="C7")
+    ax_n.set_xlabel("confidence")
+    ax_n.set_ylabel("count")
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+# ---- the suite ---------------------------------------------------------------------------------
+
+
+def run_suite(
+    workdir: str,
+    step: int | None = None,
+    eval_sets: Sequence[str] = (HELDOUT, "builtin:the-verdict.txt"),
+    max_batches: int = 0,
+    batch_size: int = 0,
+    mc_examples: int = 100,
+    mc_choices: int = 4,
+    mc_seed: int = 0,
+    n_bins: int = 10,
+    out: str | None = None,
+    loaded=None,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on everything above; writes JSON (and the reliability PNG) under `out`."""
+    import llm  # noqa: PLC0415
+
+    run = loaded if loaded is not None else llm.load(workdir, step)
+    cfg, model, params, tok = run.config, run.model, run.params, run.tokenizer
+    bs = batch_size or cfg.train.eval_batch_size or cfg.train.batch_size
+    seq_len = cfg.data.seq_len
+    result: dict[str, Any] = {"workdir": workdir, "step": run.step, "eval_sets": {}}
+    for spec in eval_sets:
+        docs = eval_set_documents(spec, cfg)
+        name = spec if spec == HELDOUT else os.path.basename(spec.removeprefix("builtin:"))
+        result["eval_sets"][name] = {"spec": spec, **language_model_metrics(model, params, tok, docs, seq_len,
+                                                                            bs, max_batches)}  # fmt: skip
+    if mc_examples:
+        examples = next_line_task(mc_examples, mc_choices, seed=mc_seed)
+        mc = multiple_choice(model, params, tok, examples, seq_len, n_bins=n_bins)
+        result["multiple_choice"] = {MC_TASK: mc}
+    out = out or os.path.join(workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    if mc_examples:
+        png = os.path.join(out, f"reliability_step_{run.step}.png")
+        reliability_diagram(mc["bins"], png, f"{MC_TASK}, step {run.step}", mc["ece"])
+        mc["reliability_png"] = png
+    path = os.path.join(out, f"step_{run.step}.json")
+    with open(path, "w") as f:
+        json.dump(
+            result, f, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v
+        )
+    result["json"] = path
+    return result
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """The suite's numbers as the CLI prints them."""
+    lines = [f"step {result['step']} of {result['workdir']}", "",
+             f"{'eval set':<22}{'loss':>8}{'ppl':>10}{'bpb':>8}{'tokens':>9}"]  # fmt: skip
+    for name, m in result["eval_sets"].items():
+        lines.append(
+            f"{name:<22}{m['loss']:>8.4f}{m['perplexity']:>10.2f}{m['bits_per_byte']:>8.4f}{m['tokens']:>9d}"
+        )
+    for name, mc in result.get("multiple_choice", {}).items():
+        lines += ["", f"{name}: {mc['n']} questions x {mc['n_choices']} choices (chance {mc['chance']:.3f})",
+                  f"  acc {mc['acc']:.3f} | acc_norm {mc['acc_norm']:.3f} | mean confidence "
+                  f"{mc['mean_confidence']:.3f} | ECE {mc['ece']:.3f}",
+                  f"  reliability diagram: {mc.get('reliability_png', '-')}"]  # fmt: skip
+    lines += ["", f"wrote {result['json']}"]
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    from absl import flags  # noqa: PLC0415
+
+    from llm import runtime  # noqa: PLC0415
+
+    runtime.setup()
+    f = flags.FLAGS
+    try:
+        result = run_suite(f.workdir, f.step, f.eval_sets, f.max_batches, f.batch_size, f.mc_examples,
+                           f.mc_choices, f.mc_seed, f.bins, f.out)  # fmt: skip
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(format_result(result))
+
+
+def _define_flags():
+    from absl import flags  # noqa: PLC0415
+
+    flags.DEFINE_string("workdir", None, "Run directory with checkpoints.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+    flags.DEFINE_list(
+        "eval_sets",
+        [HELDOUT, "builtin:the-verdict.txt"],
+        "Eval sets: 'heldout' (the run's split) or corpus specs (paths, globs, builtin:<name>).",
+    )
+    flags.DEFINE_integer("max_batches", 0, "Batches per eval set (0 = all).")
+    flags.DEFINE_integer("batch_size", 0, "Eval batch size (0 = the run's).")
+    flags.DEFINE_integer("mc_examples", 100, "Multiple-choice questions (0 = skip the task).")
+    flags.DEFINE_integer("mc_choices", 4, "Choices per question.")
+    flags.DEFINE_integer("mc_seed", 0, "Seed for the distractors and answer positions.")
+    flags.DEFINE_integer("bins", 10, "Calibration bins.")
+    flags.DEFINE_string("out", None, "Output directory (default: <workdir>/eval).")
+    flags.mark_flags_as_required(["workdir"])
+
+
+def run():
+    from absl import app  # noqa: PLC0415
+
+    _define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
