@@ -54,7 +54,8 @@ for temperature in (0.0, 0.8):
 # `evaluate.score_continuations` returns log p(continuation | context) summed over the
 # continuation's tokens, the quantity multiple-choice evaluation ranks choices by. The real
 # continuation should beat the same characters shuffled by a wide margin; a tiny model knows
-# spelling long before it knows word order, so shuffling whole words costs much less.
+# spelling long before it knows word order, so shuffling whole words costs little (a 150-step
+# model may even prefer the shuffled words).
 
 # %%
 context = "I had always thought Jack Gisburn rather a cheap genius--"
