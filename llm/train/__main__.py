@@ -39,14 +39,23 @@ def main(argv):
     from llm.config import ConfigError, from_config_dict  # noqa: PLC0415
     from llm.train.loop import train  # noqa: PLC0415
 
+    distributed = False
     try:
         cfg = from_config_dict(_CONFIG.value)
         if cfg.train.distributed:
             runtime.init_distributed()
+            distributed = True
         train(cfg, _WORKDIR.value, stop_at=_STOP_AT.value)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if distributed:
+            # Leave together: a process that exits while its peers still finish a save makes the
+            # coordination service abort them.
+            import jax  # noqa: PLC0415
+
+            jax.distributed.shutdown()
 
 
 if __name__ == "__main__":

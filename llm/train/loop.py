@@ -29,6 +29,7 @@ from llm.model import ModelConfig, Transformer
 from llm.train import optimizer as optim_lib
 from llm.train import state as state_lib
 from llm.train.metrics import MetricWriter
+from llm.train.profiling import StepProfiler
 from llm.train.step import eval_step, train_step
 from llm.train.workdir_lock import WorkdirLock
 
@@ -187,7 +188,11 @@ class _Signals:
     def __init__(self):
         self.received: int | None = None
         self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # With several processes a per-process flag could stop them at different steps (one in a
+        # collective save, one in a train step: a hang). There JAX's preemption notifier owns
+        # SIGTERM and `reached_preemption(step)` makes every process stop at the same step.
+        sigs = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else ()
+        for sig in sigs:
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. some notebook kernels)
@@ -262,7 +267,8 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep, cfg.checkpoint.async_save)
     data_ds = pipeline.train_dataset(exp.train_windows, cfg.train.batch_size, cfg.data.seed,
-                                     jax.process_index(), jax.process_count())  # fmt: skip
+                                     jax.process_index(), jax.process_count(),
+                                     shift_windows=cfg.data.shift_windows)  # fmt: skip
     data_it = pipeline.train_iterator(data_ds, cfg.data.worker_threads)
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), exp.abstract_state, exp.state_shardings
@@ -295,12 +301,16 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
     pending: list[dict] = []
     t_window, steps_window = time.perf_counter(), 0
     last_saved, step, exit_code, result = start, start, 0, {}
+    # Trace from the step after the one that compiles, so the profile shows steady-state steps.
+    profiler = StepProfiler(workdir, start + 1, cfg.train.profile_steps)
     try:
         end = min(cfg.train.steps, stop_at or cfg.train.steps)
         while step < end:
+            profiler.before_step(step, state)
             batch = to_global(exp, next(data_it))
             state, metrics = train_fn(state, batch)
             step += 1
+            profiler.after_step(step, state)
             steps_window += 1
             pending.append(metrics)
             if bar is not None:
@@ -355,6 +365,7 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
                 print(f"final eval at step {step}: loss {result['eval_loss']:.4f} | perplexity "
                       f"{result['eval_ppl']:.2f} | bits per byte {result['eval_bpb']:.4f}", flush=True)  # fmt: skip
     finally:
+        profiler.stop()
         if bar is not None:
             bar.close()
         signals.restore()
