@@ -44,9 +44,11 @@ def kernel_env(tmp_path_factory):
     os.environ["LLM_DEMO_CACHE"] = str(tmp_path_factory.mktemp("demo_cache"))
     os.environ.pop("MPLBACKEND", None)  # a headless Agg backend would swallow plt.show()
     # One CPU device, as in a notebook on a laptop (the test process fakes 8 for sharding tests).
-    os.environ["XLA_FLAGS"] = re.sub(
-        r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", "")
-    )
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", "")).strip()
+    if flags:
+        os.environ["XLA_FLAGS"] = flags
+    else:  # XLA reads a blank XLA_FLAGS as a file name and aborts
+        os.environ.pop("XLA_FLAGS", None)
     os.environ.pop("LLM_WORKDIR", None)
     os.environ.pop("LLM_SWEEP_DIR", None)
     yield
