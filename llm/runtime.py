@@ -8,6 +8,19 @@ import os
 import jax
 
 
+def configure_cpu(environ=os.environ) -> None:
+    """XLA:CPU defaults for training on CPU hosts; call before JAX initialises its backends.
+
+    Splits the host into data-parallel CPU devices (`LLM_CPU_DEVICES`, default 2): XLA:CPU runs one
+    device's ops with too few threads to fill the cores (see benchmarks/README.md). Flags the user
+    already set in XLA_FLAGS win. Only the CPU platform is affected; GPUs/TPUs are untouched.
+    """
+    flags = environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        flags += f" --xla_force_host_platform_device_count={environ.get('LLM_CPU_DEVICES', '2')}"
+    environ["XLA_FLAGS"] = flags.strip()
+
+
 def setup(cache_dir: str | None = None) -> None:
     """Persistent compilation cache (re-runs skip compiling) and quieter third-party logs."""
     cache_dir = cache_dir or os.environ.get("LLM_COMPILATION_CACHE", os.path.expanduser("~/.cache/llm-jax"))

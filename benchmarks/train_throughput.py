@@ -1,0 +1,400 @@
+"""Training throughput: the project's jitted train step vs an identical PyTorch model, interleaved.
+
+Run (idle machine):
+  .venv/bin/python benchmarks/train_throughput.py --precision=fp32
+  .venv/bin/python benchmarks/train_throughput.py --precision=bf16
+  .venv/bin/python benchmarks/train_throughput.py --quick              # seconds: checks it works
+Options: --configs=gpt12m,shakespeare,gpt100m --repeats=5 --variant 'NAME:SETTINGS' (extra JAX
+variants to compare, e.g. 'dev1:devices=1' or 'jaxattn:model.attention.impl=jax'; see --help).
+
+Each framework runs in its own worker process: the JAX one builds the step exactly as `llm.train`
+does (configs/shakespeare.py with the model shape overridden -> llm.train.loop.build ->
+state.create_state -> loop.compile_steps, fed through loop.to_global), with the project's CPU
+runtime defaults (llm.runtime.configure_cpu). After compile and warm-up, timed blocks of a few
+steps alternate between frameworks (order flipped every repeat); before each block the parent
+waits until no foreign process uses the CPU, and records the foreign load it saw before and
+during the block. Writes benchmarks/results/train_throughput_<precision>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+SCRIPT = os.path.abspath(__file__)
+# A CPU benchmark: skip probing for TPU/GPU runtimes that may be installed but absent.
+WORKER_ENV = {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+
+
+# ---- JAX worker (the project's code path) -----------------------------------------------------------
+
+
+def jax_worker(config: str, precision: str, settings: str, cache: bool) -> None:
+    opts = parse_settings(settings)
+    if "devices" in opts:
+        os.environ["LLM_CPU_DEVICES"] = opts.pop("devices")
+    if "xla" in opts:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + opts.pop("xla")).strip()
+    from llm import runtime  # noqa: PLC0415
+
+    runtime.configure_cpu()  # the project's CPU defaults, as the CLI applies them
+    if opts.pop("dots", "on") == "off":  # A/B: plain lax.dot_general instead of llm/model/dots.py
+        from llm.model import dots  # noqa: PLC0415
+
+        dots._on_cpu = lambda: False
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    runtime.setup()
+    if not cache:  # time a real compile, not a persistent-cache hit
+        jax.config.update("jax_enable_compilation_cache", False)
+    from configs import shakespeare  # noqa: PLC0415
+    from llm.config import from_config_dict  # noqa: PLC0415
+    from llm.train import loop  # noqa: PLC0415
+    from llm.train import state as state_lib  # noqa: PLC0415
+
+    shape = common.CONFIGS[config]
+    c = shakespeare.get_config()
+    c.model.d_model, c.model.n_layers, c.model.attention.n_heads = (
+        shape.d_model,
+        shape.n_layers,
+        shape.n_heads,
+    )
+    c.model.vocab_size, c.model.max_seq_len, c.data.seq_len = shape.vocab, shape.seq_len, shape.seq_len
+    c.model.dtype = "bfloat16" if precision == "bf16" else "float32"
+    c.data.tokenizer.kind = "byte"  # the step does not depend on the tokenizer; skip training one
+    c.train.batch_size = shape.batch
+    for key, value in opts.items():
+        common.set_path(c, key, value)
+    cfg = from_config_dict(c)
+    ctx = {}
+
+    def setup():
+        t0 = time.perf_counter()
+        exp = loop.build(cfg, tempfile.mkdtemp(prefix="bench_"))
+        state = state_lib.create_state(exp.model, exp.tx, shape.seq_len, exp.mesh, exp.rules, 0)
+        train_fn, _ = loop.compile_steps(exp)
+        rng = np.random.default_rng(0)
+        batches = [synthetic_batch(rng, shape) for _ in range(4)]
+        t1 = time.perf_counter()
+        compiled = train_fn.lower(state, loop.to_global(exp, batches[0])).compile()
+        t2 = time.perf_counter()
+        ctx.update(exp=exp, state=state, fn=compiled, batches=batches, i=0, losses=[])
+        return {
+            "compile_s": round(t2 - t1, 2), "build_s": round(t1 - t0, 2),
+            "n_params": state_lib.count_params(state.params), "devices": len(jax.devices()),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__,
+            "attention_impl": cfg.model.attention.impl, "remat": cfg.model.remat,
+        }  # fmt: skip
+
+    def steps(n: int):
+        exp, fn, state = ctx["exp"], ctx["fn"], ctx["state"]
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            batch = loop.to_global(exp, ctx["batches"][ctx["i"] % len(ctx["batches"])])
+            state, metrics = fn(state, batch)
+            ctx["i"] += 1
+        jax.block_until_ready(state)
+        dt = time.perf_counter() - t0
+        ctx["state"] = state
+        ctx["losses"].append(float(metrics["loss"]))
+        return {"seconds": dt, "cpu_s": time.process_time() - c0, "loss": ctx["losses"][-1]}
+
+    def matmul(n: int, dtype: str, reps: int):
+        import jax.numpy as jnp  # noqa: PLC0415
+
+        a = jnp.ones((n, n), dtype)
+        f = jax.jit(lambda x, y: x @ y)
+        f(a, a).block_until_ready()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f(a, a).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        return {"gflops": 2 * n**3 / common.median(times) / 1e9}
+
+    common.serve({"setup": setup, "steps": steps, "matmul": matmul, "stats": common.rss_mb})
+
+
+def synthetic_batch(rng, shape):
+    """Random tokens, one document per row: the step's cost does not depend on token values."""
+    import numpy as np  # noqa: PLC0415
+
+    b, t = shape.batch, shape.seq_len
+    toks = rng.integers(0, shape.vocab, (b, t + 1), dtype=np.int32)
+    return {
+        "tokens": toks[:, :-1].copy(), "targets": toks[:, 1:].copy(),
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+        "segment_ids": np.ones((b, t), np.int32), "loss_mask": np.ones((b, t), np.int32),
+    }  # fmt: skip
+
+
+def parse_settings(settings: str) -> dict[str, str]:
+    """'a=1;b=2' -> {'a': '1', 'b': '2'} (';' separates: XLA flag values may hold commas)."""
+    out = {}
+    for item in filter(None, (s.strip() for s in settings.split(";"))):
+        key, _, value = item.partition("=")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# ---- PyTorch worker -----------------------------------------------------------------------------------
+
+
+def torch_worker(config: str, precision: str) -> None:
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from benchmarks.torch_reference import Trainer  # noqa: PLC0415
+
+    shape = common.CONFIGS[config]
+    ctx = {}
+
+    def setup():
+        t0 = time.perf_counter()
+        tr = Trainer(shape.vocab, shape.seq_len, shape.d_model, shape.n_layers, shape.n_heads,
+                     bf16=precision == "bf16", lr=2e-3)  # fmt: skip
+        rng = np.random.default_rng(0)
+        batches = [synthetic_batch(rng, shape) for _ in range(4)]
+        ctx.update(tr=tr, batches=batches, i=0)
+        return {
+            "compile_s": 0.0, "build_s": round(time.perf_counter() - t0, 2),
+            "n_params": sum(p.numel() for p in tr.model.parameters()), "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }  # fmt: skip
+
+    def steps(n: int):
+        tr = ctx["tr"]
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            b = ctx["batches"][ctx["i"] % len(ctx["batches"])]
+            loss = tr.step(torch.from_numpy(b["tokens"]).long(), torch.from_numpy(b["targets"]).long())
+            ctx["i"] += 1
+        loss = float(loss)
+        return {"seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "loss": loss}
+
+    def matmul(n: int, dtype: str, reps: int):
+        dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        a = torch.ones((n, n), dtype=dt)
+        torch.mm(a, a)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, a)
+            times.append(time.perf_counter() - t0)
+        return {"gflops": 2 * n**3 / common.median(times) / 1e9}
+
+    common.serve({"setup": setup, "steps": steps, "matmul": matmul, "stats": common.rss_mb})
+
+
+# ---- parent -----------------------------------------------------------------------------------------
+
+
+def run_config(name: str, args, meter_pids: list[int]) -> dict:
+    shape = common.CONFIGS[name]
+    n_steps = args.steps_per_block or shape.steps_per_block
+    variants = [("project", "")] + [tuple(v.split(":", 1)) if ":" in v else (v, "") for v in args.variant]
+    workers: dict[str, common.Worker] = {}
+    for label, settings in variants:
+        extra = ["--cache"] if args.cache else []
+        workers[label] = common.Worker(SCRIPT, ["--worker=jax", f"--config={name}", f"--precision={args.precision}",
+                                                f"--settings={settings}", *extra], WORKER_ENV)  # fmt: skip
+    workers["pytorch"] = common.Worker(
+        SCRIPT, ["--worker=torch", f"--config={name}", f"--precision={args.precision}"], WORKER_ENV
+    )
+    meter_pids.extend(w.pid for w in workers.values())
+    meter = common.LoadMeter(meter_pids)
+    info, blocks = {}, {k: [] for k in workers}
+    try:
+        for label, w in workers.items():  # one at a time: compile times are not contended
+            meter.wait_idle(args.max_load, args.max_wait)
+            info[label] = w.call(cmd="setup")
+            info[label]["settings"] = dict(variants).get(label, "")
+            print(f"  {name}/{label}: setup {info[label]}", flush=True)
+        for w in workers.values():
+            for _ in range(args.warmup):
+                w.call(cmd="steps", n=1)
+        order = list(workers)
+        for r in range(args.repeats):
+            for label in order if r % 2 == 0 else order[::-1]:
+                before = meter.wait_idle(args.max_load, args.max_wait)
+                meter.start()
+                out = workers[label].call(cmd="steps", n=n_steps)
+                during = meter.stop()
+                tok_s = shape.batch * shape.seq_len * n_steps / out["seconds"]
+                # Tokens per CPU-second of the worker: less sensitive than tokens/s to CPU sharing.
+                tok_cpu_s = shape.batch * shape.seq_len * n_steps / out["cpu_s"]
+                # cpu_share: the fraction of all cores this worker used in the block (1.0 = all of them).
+                share = out["cpu_s"] / out["seconds"] / os.cpu_count()
+                blocks[label].append({"tokens_per_s": tok_s, "tokens_per_cpu_s": tok_cpu_s,
+                                      "seconds": out["seconds"], "loss": out["loss"],
+                                      "cpu_share": round(share, 3), "load_before": before,
+                                      "load_during": during})  # fmt: skip
+                print(f"  {name}/{label} repeat {r}: {tok_s:,.0f} tok/s, {tok_cpu_s:,.0f} tok/cpu-s, cpu share {share:.2f} (foreign load "
+                      f"before {before['foreign_cores']:.2f}, during {during['foreign_cores']:.2f} cores)", flush=True)  # fmt: skip
+        for label, w in workers.items():
+            info[label].update(w.call(cmd="stats"))
+    finally:
+        for w in workers.values():
+            w.close()
+        for w in workers.values():
+            meter_pids.remove(w.pid)
+    flops_tok = common.train_flops_per_token(shape)
+    out = {"shape": shape.__dict__, "flops_per_token": flops_tok, "frameworks": {}}
+    for label in workers:
+        tps = common.median([b["tokens_per_s"] for b in blocks[label]])
+        out["frameworks"][label] = {
+            **info[label], "tokens_per_s": tps, "tflops": tps * flops_tok / 1e12,
+            "tokens_per_cpu_s": common.median([b["tokens_per_cpu_s"] for b in blocks[label]]),
+            "all_tokens_per_s": [round(b["tokens_per_s"], 1) for b in blocks[label]], "blocks": blocks[label],
+        }  # fmt: skip
+    ref = out["frameworks"]["pytorch"]["tokens_per_s"]
+    for f in out["frameworks"].values():
+        f["ratio_vs_pytorch"] = f["tokens_per_s"] / ref
+    return out
+
+
+def matmul_peaks(args, meter_pids) -> dict:
+    """jnp.dot and torch.mm of n x n, fp32 and bf16, in fresh workers with the project's settings."""
+    n = 256 if args.quick else 2048
+    jw = common.Worker(
+        SCRIPT, ["--worker=jax", "--config=tiny", "--precision=fp32", "--settings="], WORKER_ENV
+    )
+    tw = common.Worker(SCRIPT, ["--worker=torch", "--config=tiny", "--precision=fp32"], WORKER_ENV)
+    meter_pids.extend([jw.pid, tw.pid])
+    meter = common.LoadMeter(meter_pids)
+    out = {}
+    try:
+        for dtype in ("float32", "bfloat16"):
+            for label, w in (("jnp.dot", jw), ("torch.mm", tw)):
+                meter.wait_idle(args.max_load, args.max_wait)
+                meter.start()
+                r = w.call(cmd="matmul", n=n, dtype=dtype, reps=3 if args.quick else 10)
+                out[f"{label} {dtype}"] = {"gflops": round(r["gflops"], 1), "load_during": meter.stop()}
+    finally:
+        for w in (jw, tw):
+            w.close()
+            meter_pids.remove(w.pid)
+    return {"n": n, "results": out}
+
+
+def markdown(result: dict) -> str:
+    prec = result["precision"]
+    peaks = result["matmul"]["results"]
+    dt = "bfloat16" if prec == "bf16" else "float32"
+    peak = max(peaks[f"jnp.dot {dt}"]["gflops"], peaks[f"torch.mm {dt}"]["gflops"]) / 1e3
+    lines = [
+        f"### Training throughput, {prec} ({result['machine']['cpu']}, {result['machine']['cores']} cores, "
+        f"{result['date']})",
+        "",
+        "| config | params | framework | tokens/s | TFLOP/s | % of matmul peak | vs PyTorch | compile s | "
+        "peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["configs"].items():
+        for label, f in r["frameworks"].items():
+            lines.append(
+                f"| {name} | {f['n_params'] / 1e6:.1f}M | {label} | {f['tokens_per_s']:,.0f} | {f['tflops']:.3f} | "
+                f"{100 * f['tflops'] / peak:.0f}% | {f['ratio_vs_pytorch']:.2f}x | {f['compile_s']:.1f} | "
+                f"{f['peak_rss_mb']:,.0f} |"
+            )
+    lines += [
+        "",
+        f"Matmul peak ({result['matmul']['n']}² {dt}, same run): "
+        + ", ".join(f"{k} {v['gflops']:.0f} GFLOP/s" for k, v in peaks.items()),
+        f"FLOPs per token = 6·N + 12·L·T·D from llm/flops.py (N = matmul weights incl. the tied head). Median of "
+        f"{result['repeats']} interleaved blocks after {result['warmup']} warm-up steps. Max foreign CPU load "
+        f"seen before / during timed blocks: {result['max_foreign_before']:.2f} / "
+        f"{result['max_foreign_during']:.2f} cores (threshold {result['max_load']}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--configs", default="gpt12m,shakespeare,gpt100m")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per worker after compiling")
+    ap.add_argument("--quick", action="store_true", help="tiny config, 1 repeat: checks that it works")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="extra JAX variant 'NAME:k=v;k=v' with k = devices | xla (extra XLA_FLAGS) | a "
+                         "config path such as model.attention.impl or model.remat")  # fmt: skip
+    ap.add_argument("--max-load", type=float, default=0.15, help="foreign CPU cores tolerated before a block")
+    ap.add_argument("--max-wait", type=float, default=900.0, help="seconds to wait for an idle CPU")
+    ap.add_argument("--cache", action="store_true", help="allow the persistent compilation cache")
+    ap.add_argument("--out", default=None, help="results file stem (default train_throughput_<precision>)")
+    ap.add_argument("--no-matmul", action="store_true")
+    ap.add_argument("--steps-per-block", type=int, default=0, help="override the config's steps per block")
+    ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--settings", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker == "jax":
+        return jax_worker(args.config, args.precision, args.settings, args.cache)
+    if args.worker == "torch":
+        return torch_worker(args.config, args.precision)
+
+    if args.quick:
+        args.configs, args.repeats, args.warmup, args.max_wait = "tiny", 1, 1, 0.0
+    own = [os.getpid()]
+    meter = common.LoadMeter(own)
+    start_load = meter.sample(2.0)
+    print(f"foreign CPU load at start: {start_load['foreign_cores']:.2f} cores "
+          f"{common.top_foreign_processes(own)}", flush=True)  # fmt: skip
+    result = {
+        "precision": args.precision, "repeats": args.repeats, "warmup": args.warmup, "max_load": args.max_load,
+        "date": time.strftime("%Y-%m-%d %H:%M"), "start_load": start_load,
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "configs": {},
+    }  # fmt: skip
+    if not args.no_matmul:
+        result["matmul"] = matmul_peaks(args, own)
+        print(
+            f"matmul: {json.dumps({k: v['gflops'] for k, v in result['matmul']['results'].items()})}",
+            flush=True,
+        )
+    for name in args.configs.split(","):
+        result["configs"][name] = run_config(name, args, own)
+    all_blocks = [
+        b for r in result["configs"].values() for f in r["frameworks"].values() for b in f["blocks"]
+    ]
+    result["max_foreign_before"] = max(b["load_before"]["foreign_cores"] for b in all_blocks)
+    result["max_foreign_during"] = max(b["load_during"]["foreign_cores"] for b in all_blocks)
+    result["blocks_not_idle"] = sum(not b["load_before"]["idle"] for b in all_blocks)
+    stem = args.out or f"train_throughput_{args.precision}" + ("_quick" if args.quick else "")
+    os.makedirs(common.RESULTS, exist_ok=True)
+    with open(os.path.join(common.RESULTS, stem + ".json"), "w") as f:
+        json.dump(result, f, indent=1)
+    if not args.no_matmul:
+        md = markdown(result)
+        with open(os.path.join(common.RESULTS, stem + ".md"), "w") as f:
+            f.write(md)
+        print("\n" + md)
+    if result["blocks_not_idle"]:
+        print(f"WARNING: {result['blocks_not_idle']} timed blocks started while other processes used the "
+              f"CPU (> {args.max_load} cores): these numbers are not clean.", flush=True)  # fmt: skip
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
