@@ -6,7 +6,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm.model import dots
 from llm.model.attention import _positional
 from llm.model.config import ModelConfig
 from llm.model.layers import dtypes, init, make_norm
@@ -152,11 +151,10 @@ class Transformer(nn.Module):
         if cfg.norm_position == "pre":
             x_BTD = make_norm(cfg, "norm_final")(x_BTD)
         if cfg.tie_embeddings:
-            # embed.attend's computation, with CPU-friendly gradients (llm/model/dots.py).
-            logits_BTV = dots.attend(x_BTD.astype(dtype), embed.embedding.astype(dtype))
+            logits_BTV = embed.attend(x_BTD)
         else:
             logits_BTV = nn.Dense(
                 cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype, name="lm_head",
-                kernel_init=init(cfg.init_std, ("embed", "vocab")), dot_general=dots.dot_general,
+                kernel_init=init(cfg.init_std, ("embed", "vocab")),
             )(x_BTD)  # fmt: skip
         return constrain(logits_BTV, ("batch", "length", "act_vocab"))
