@@ -328,8 +328,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per worker after compiling")
     ap.add_argument("--quick", action="store_true", help="tiny config, 1 repeat: checks that it works")
     ap.add_argument("--variant", action="append", default=[],
-                    help="extra JAX variant 'NAME:k=v;k=v' with k = devices | xla (extra XLA_FLAGS) | a "
-                         "config path such as model.attention.impl or model.remat")  # fmt: skip
+                    help="extra JAX variant 'NAME:k=v;k=v' with k = devices | xla (extra XLA_FLAGS) | dots=off "
+                         "| a config path such as model.attention.impl or model.remat")  # fmt: skip
     ap.add_argument("--max-load", type=float, default=0.15, help="foreign CPU cores tolerated before a block")
     ap.add_argument("--max-wait", type=float, default=900.0, help="seconds to wait for an idle CPU")
     ap.add_argument("--cache", action="store_true", help="allow the persistent compilation cache")

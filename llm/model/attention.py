@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from llm.model import dots
 from llm.model.config import ModelConfig
 from llm.model.layers import dtypes, init, out_proj_std, zeros
 from llm.model.positional import Positional
@@ -76,7 +77,7 @@ class CausalSelfAttention(nn.Module):
             return nn.DenseGeneral(
                 (heads, h), use_bias=cfg.use_bias, dtype=dtype, param_dtype=pdtype, name=name,
                 kernel_init=init(cfg.init_std, ("embed", head_axis, "head_dim")),
-                bias_init=zeros((head_axis, "head_dim")),
+                bias_init=zeros((head_axis, "head_dim")), dot_general=dots.dot_general,
             )(x_BTD)  # fmt: skip
 
         q_BTNH = pos.rotate(proj(n, "heads", "query"), positions_BT)
@@ -95,7 +96,7 @@ class CausalSelfAttention(nn.Module):
         return nn.DenseGeneral(
             cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=dtype, param_dtype=pdtype,
             kernel_init=init(out_proj_std(cfg), ("heads", "head_dim", "embed")),
-            bias_init=zeros(("embed",)), name="out",
+            bias_init=zeros(("embed",)), name="out", dot_general=dots.dot_general,
         )(out_BTNH)  # fmt: skip
 
 

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm.model import dots
 from llm.model.config import ModelConfig
 from llm.model.registries import MLP, NORM
 from llm.sharding import constrain
@@ -58,7 +59,7 @@ def dense(cfg: ModelConfig, features: int, names, std: float, name: str) -> nn.D
     dtype, pdtype = dtypes(cfg)
     return nn.Dense(
         features, use_bias=cfg.use_bias, dtype=dtype, param_dtype=pdtype, name=name,
-        kernel_init=init(std, names), bias_init=zeros(names[-1:]),
+        kernel_init=init(std, names), bias_init=zeros(names[-1:]), dot_general=dots.dot_general,
     )  # fmt: skip
 
 

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm.model import dots
 from llm.model.attention import _positional
 from llm.model.config import ModelConfig
 from llm.model.layers import dtypes, init, make_norm
@@ -151,10 +152,11 @@ class Transformer(nn.Module):
         if cfg.norm_position == "pre":
             x_BTD = make_norm(cfg, "norm_final")(x_BTD)
         if cfg.tie_embeddings:
-            logits_BTV = embed.attend(x_BTD)
+            # embed.attend's computation, with CPU-friendly gradients (llm/model/dots.py).
+            logits_BTV = dots.attend(x_BTD.astype(dtype), embed.embedding.astype(dtype))
         else:
             logits_BTV = nn.Dense(
                 cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype, name="lm_head",
-                kernel_init=init(cfg.init_std, ("embed", "vocab")),
+                kernel_init=init(cfg.init_std, ("embed", "vocab")), dot_general=dots.dot_general,
             )(x_BTD)  # fmt: skip
         return constrain(logits_BTV, ("batch", "length", "act_vocab"))

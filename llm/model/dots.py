@@ -1,0 +1,112 @@
+"""Matmuls of the dense layers in the forms XLA:CPU runs fastest, forward and backward.
+
+XLA:CPU hands a dot to its fast library (YNNPACK) only when the dot is "canonical": one flattened
+contracting block, last on the left operand and first on the right. bf16 dots get the bf16
+dot-product instructions only with bf16 inputs and an f32 result; otherwise XLA converts both
+operands to f32 and runs at (or below) the f32 rate. Measured on a 2-core AVX-512-BF16 CPU
+(benchmarks/README.md), one core, per matmul: f32 ~240 GFLOP/s canonical vs ~180 with two
+contracting dims; bf16 ~480 canonical with f32 result vs ~200 with a bf16 result.
+
+`dot_general` (same signature as lax.dot_general, passed to flax layers as `dot_general=`) and
+`attend` (the tied output head) therefore flatten the contracting dims, accumulate in f32 and,
+through a custom VJP, give the two gradient matmuls the same fast forms. Numerics equal XLA's own
+bf16 dots (f32 accumulation, one rounding of the result); f32 math is unchanged. Off CPU they
+are plain lax.dot_general / jnp.dot, so TPU and GPU programs do not change.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+    """lax.dot_general; on CPU, dense-layer contractions (no batch dims) use `_dense` instead."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    k = len(lc)
+    dense = (
+        not lb and not rb and k > 0 and tuple(lc) == tuple(range(lhs.ndim - k, lhs.ndim))
+        and tuple(rc) == tuple(range(k)) and lhs.dtype == rhs.dtype and lhs.dtype in (jnp.float32, jnp.bfloat16)
+        and preferred_element_type in (None, lhs.dtype) and not kwargs and _on_cpu()
+    )  # fmt: skip
+    if not dense:
+        return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kwargs)  # fmt: skip
+    return _dense(lhs, rhs, k, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense(x, w, k: int, precision):
+    """x [..., K1..Kk] @ w [K1..Kk, ...] as one [M, K] @ [K, N] matmul with an f32 accumulator."""
+    return _dense_fwd(x, w, k, precision)[0]
+
+
+def _flat(x, w, k):
+    kk = math.prod(w.shape[:k])
+    return x.reshape(*x.shape[: x.ndim - k], kk), w.reshape(kk, -1)
+
+
+def _dense_fwd(x, w, k, precision):
+    x2, w2 = _flat(x, w, k)
+    y = jnp.einsum("...k,kn->...n", x2, w2, precision=precision, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype).reshape(*x.shape[: x.ndim - k], *w.shape[k:]), (x, w)
+
+
+def _dense_bwd(k, precision, res, g):
+    x, w = res
+    x2, w2 = _flat(x, w, k)
+    g2 = g.reshape(*g.shape[: x.ndim - k], -1).astype(x.dtype)
+    f32 = jnp.float32
+    # dx = g @ w^T keeps w [K, N] as the right operand (contracting its last dim is a supported form);
+    # dw = x^T @ g contracts over all leading (batch, time) dims, which XLA canonicalises itself.
+    dx = jnp.einsum("...n,kn->...k", g2, w2, precision=precision, preferred_element_type=f32)
+    lead = "abcdefgh"[: x2.ndim - 1]
+    dw = jnp.einsum(f"{lead}k,{lead}n->kn", x2, g2, precision=precision, preferred_element_type=f32)
+    return dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype).reshape(w.shape)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def attend(x_BTD, table_VD):
+    """Logits of the tied output head, x @ table^T (in f32 on CPU the table's gradient is computed
+    as (x^T @ g)^T: that transposes the small [B*T, D] input instead of the [B*T, V] gradient)."""
+    if not (_on_cpu() and x_BTD.dtype == table_VD.dtype and x_BTD.dtype in (jnp.float32, jnp.bfloat16)):
+        return jnp.dot(x_BTD, table_VD.T)
+    return _attend(x_BTD, table_VD)
+
+
+@jax.custom_vjp
+def _attend(x, table):
+    return _attend_fwd(x, table)[0]
+
+
+def _attend_fwd(x, table):
+    y = jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype), (x, table)
+
+
+def _attend_bwd(res, g):
+    x, table = res
+    g = g.astype(x.dtype)
+    f32 = jnp.float32
+    dx = jnp.einsum("...v,vd->...d", g, table, preferred_element_type=f32)
+    lead = "abcdefgh"[: x.ndim - 1]
+    if x.dtype == jnp.bfloat16:
+        # (x^T g)^T would transpose the small input, but XLA:CPU then emits a bf16 dot its
+        # fallback kernel cannot run ("Unsupported element type for DotThunk"): contract g first.
+        d_table = jnp.einsum(f"{lead}v,{lead}d->vd", g, x, preferred_element_type=f32)
+    else:
+        d_table = jnp.einsum(f"{lead}d,{lead}v->dv", x, g, preferred_element_type=f32).T
+    return dx.astype(x.dtype), d_table.astype(table.dtype)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
