@@ -205,7 +205,7 @@ def check(cfg, topo: Topology, force_cpu: bool = False, log=print) -> dict:
 
     model = Transformer(cfg.model)
     tx, schedule = optim_lib.make_optimizer(cfg.optim, cfg.train.steps)
-    abstract, shardings = state_lib.state_shardings(model, tx, t, mesh, rules)
+    abstract, shardings = state_lib.state_shardings(model, tx, t, mesh, rules, cfg.train.spike_window)
     state_in = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
@@ -214,7 +214,8 @@ def check(cfg, topo: Topology, force_cpu: bool = False, log=print) -> dict:
                 for k in pipeline.FIELDS}  # fmt: skip
     # The same jit as loop.compile_steps: explicit shardings, donated state, activation constraints.
     step = functools.partial(
-        train_step, model=model, tx=tx, schedule=schedule, grad_accum=cfg.train.grad_accum
+        train_step, model=model, tx=tx, schedule=schedule, grad_accum=cfg.train.grad_accum,
+        spike_sigmas=cfg.train.spike_sigmas,
     )
     fn = jax.jit(loop._in_context(step, mesh, rules), in_shardings=(shardings, {k: batch_sh for k in batch_in}),
                  out_shardings=(shardings, None), donate_argnums=0)  # fmt: skip

@@ -50,7 +50,8 @@ def load(workdir: str, step: int | None = None, mesh=None) -> Loaded:
         mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
     model = Transformer(cfg.model)
     tx, _ = optim_lib.make_optimizer(cfg.optim, cfg.train.steps)
-    abstract, shardings = state_lib.state_shardings(model, tx, cfg.data.seq_len, mesh, cfg.mesh.rules)
+    abstract, shardings = state_lib.state_shardings(model, tx, cfg.data.seq_len, mesh, cfg.mesh.rules,
+                                                    cfg.train.spike_window)  # fmt: skip
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     state, _ = ckpt.restore(step, target)
     ckpt.close()

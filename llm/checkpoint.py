@@ -16,7 +16,10 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint._src.path import atomicity
+
+from llm.registry import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,14 @@ ITEMS = ("state", "data", "config")
 
 class CheckpointCorrupt(RuntimeError):
     """A step directory exists but cannot be restored."""
+
+
+class CheckpointMismatch(ConfigError):
+    """A readable checkpoint whose state tree differs from the one the current config builds.
+
+    Not damage: the files are fine, the flags changed (optimizer, loss-spike window, ...). Never
+    quarantined or skipped, so a changed flag cannot make a run silently start over.
+    """
 
 
 class Checkpointer:
@@ -57,6 +68,7 @@ class Checkpointer:
             data_state = _other_process_count_data_state(os.path.join(self.directory, str(step), "data"))
             if data_state is None:
                 args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        check_compatible(os.path.join(self.directory, str(step), "state"), abstract_state, step)
         try:
             out = self.mngr.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # orbax raises many types for damaged directories
@@ -119,6 +131,40 @@ def _other_process_count_data_state(data_dir: str) -> dict | None:
         raise CheckpointCorrupt(f"{data_dir}: the data-iterator states of the {len(files)} processes that "
                                 f"wrote it differ; it can only be restored with {len(files)} processes")  # fmt: skip
     return states[0]
+
+
+def _leaf_name(path) -> str:
+    """'opt_state.1.inner_states.matrix.mu.w': the dotted name orbax stores a leaf under."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def check_compatible(state_dir: str, abstract_state, step: int) -> None:
+    """Compare the saved state's tree metadata with the target before reading any array.
+
+    Unreadable metadata is damage (CheckpointCorrupt: the caller falls back to an older step);
+    readable metadata with other leaves/shapes/dtypes is a config change (CheckpointMismatch).
+    """
+    try:
+        meta = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
+        saved = {_leaf_name(p): m for p, m in jax.tree_util.tree_leaves_with_path(getattr(meta, "tree", meta))}
+    except Exception as e:  # noqa: BLE001 (missing/garbled _METADATA raises many types)
+        raise CheckpointCorrupt(f"checkpoint {state_dir} has no readable metadata: {e!r}") from e
+    if not saved:
+        raise CheckpointCorrupt(f"checkpoint {state_dir} has no arrays")
+    want = {_leaf_name(p): a for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    problems = [f"missing in the checkpoint: {k}" for k in sorted(set(want) - set(saved))]
+    problems += [f"not in the current state: {k}" for k in sorted(set(saved) - set(want))]
+    for k in sorted(set(want) & set(saved)):
+        a, m = want[k], saved[k]
+        if tuple(m.shape) != tuple(a.shape) or jax.numpy.dtype(m.dtype) != jax.numpy.dtype(a.dtype):
+            problems.append(f"{k}: saved {tuple(m.shape)} {m.dtype}, now {tuple(a.shape)} {a.dtype}")
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} differences)" if len(problems) > 6 else "")
+        raise CheckpointMismatch(
+            f"checkpoint step {step} in {os.path.dirname(state_dir)} does not match the train state this "
+            f"config builds ({shown}). The optimizer, loss-spike or model flags differ from the run that "
+            "saved it: re-run with its flags (config.json in the workdir) or use a new --workdir"
+        )
 
 
 def _verify(state, abstract_state, step: int) -> None:

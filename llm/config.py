@@ -87,6 +87,11 @@ class TrainConfig:
     eval_batches: int = 0  # 0 = the whole held-out split
     eval_batch_size: int = 0  # 0 = batch_size
     nan_policy: str = "stop"  # stop | skip
+    # Loss-spike skipping: an update whose loss exceeds mean + spike_sigmas * std of the last
+    # spike_window applied losses is not applied (params and optimizer moments stay as they were)
+    # and is counted in `spikes_total`. 0 = off. Changing it changes the checkpointed state.
+    spike_window: int = 0
+    spike_sigmas: float = 6.0
     progress: bool = True  # tqdm progress bar on the console
     distributed: bool = False  # call jax.distributed.initialize() (multi-host)
     peak_tflops: float | None = None  # per-device peak TFLOP/s for MFU; None = llm/flops.py table
@@ -119,6 +124,10 @@ class RunConfig:
                               f"{m.max_seq_len}; raise model.max_seq_len or lower data.seq_len")  # fmt: skip
         if t.peak_tflops is not None and t.peak_tflops <= 0:
             raise ConfigError(f"train.peak_tflops={t.peak_tflops} must be > 0 (or unset for the chip table)")
+        if t.spike_window < 0 or (t.spike_window and t.spike_window < 2):
+            raise ConfigError(f"train.spike_window={t.spike_window}: use 0 (off) or a window of >= 2 steps")
+        if t.spike_sigmas <= 0:
+            raise ConfigError(f"train.spike_sigmas={t.spike_sigmas} must be > 0 (standard deviations)")
         if t.nan_policy not in ("stop", "skip"):
             raise ConfigError(f"unknown train.nan_policy {t.nan_policy!r}; valid choices: stop, skip")
 

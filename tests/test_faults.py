@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 import llm
-from llm.checkpoint import Checkpointer
+from llm.checkpoint import Checkpointer, CheckpointMismatch
 from llm.config import ConfigError
+from llm.data import pipeline
 from llm.train import loop
+from llm.train import state as state_lib
 from llm.train.metrics import read_metrics
 from llm.train.workdir_lock import WorkdirLock
 from tests.test_train import tiny_cfg
@@ -154,3 +156,82 @@ def test_kill9_at_random_moments_resumes_exactly(repo_root):
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["all_equal_to_uninterrupted"] and summary["total_kills"] >= 1
+
+
+def _spike_setup(tmp_path, window=4):
+    """A built tiny experiment with the loss-spike monitor on, its jitted step and one batch."""
+    cfg = run_cfg(**{"train.spike_window": window, "train.spike_sigmas": 3.0})
+    exp = loop.build(cfg, str(tmp_path))
+    state = state_lib.create_state(exp.model, exp.tx, cfg.data.seq_len, exp.mesh, exp.rules, 0, window)
+    train_fn, _ = loop.compile_steps(exp)
+    ds = pipeline.train_dataset(exp.train_windows, cfg.train.batch_size, cfg.data.seed)
+    return exp, state, train_fn, loop.to_global(exp, ds[0])
+
+
+def _with_window(state, losses):
+    monitor = dict(state.monitor, losses=jnp.asarray(losses, jnp.float32), count=jnp.int32(len(losses)))
+    return state.replace(monitor=jax.device_put(monitor, jax.tree.map(lambda x: x.sharding, state.monitor)))
+
+
+def test_loss_spike_is_skipped_and_moments_do_not_move(tmp_path):
+    exp, state, train_fn, batch = _spike_setup(tmp_path)
+    # A freshly initialised model scores ~ln(vocab) nats; a window of losses near 1.0 makes it a spike.
+    state = _with_window(state, [1.0, 1.02, 0.98, 1.0])
+    before = jax.device_get(state)
+    after, metrics = train_fn(state, batch)
+    after = jax.device_get(after)
+    assert float(metrics["loss"]) > 3.0 and int(metrics["loss_spike"]) == 1 and int(metrics["nonfinite"]) == 0
+    for name in ("params", "opt_state"):  # Adam's mu/nu/count untouched, not just the params
+        for a, b in zip(jax.tree.leaves(getattr(before, name)), jax.tree.leaves(getattr(after, name))):
+            np.testing.assert_array_equal(a, b)
+    assert int(after.step) == 1 and int(after.skipped) == 1 and int(after.monitor["spikes"]) == 1
+    np.testing.assert_array_equal(after.monitor["losses"], before.monitor["losses"])  # spikes stay out
+    assert int(after.monitor["count"]) == 4
+
+
+def test_loss_within_the_window_is_applied_and_recorded(tmp_path):
+    exp, state, train_fn, batch = _spike_setup(tmp_path)
+    probe = jax.tree.map(lambda x: x.copy(), state)  # the step donates its input
+    loss0 = float(train_fn(probe, batch)[1]["loss"])  # this batch's loss at init (window not full)
+    state = _with_window(state, [loss0 + d for d in (0.1, -0.1, 0.05, -0.05)])
+    before = jax.device_get(state)
+    after, metrics = jax.device_get(train_fn(state, batch))
+    assert int(metrics["loss_spike"]) == 0 and int(after.skipped) == 0
+    # threshold = mean + 3 * std of the window, checked against numpy
+    window = before.monitor["losses"]
+    np.testing.assert_allclose(metrics["spike_threshold"], window.mean() + 3 * window.std(), rtol=1e-5)
+    # Applied: Adam's moments moved (the params not yet: warmup's learning rate at step 0 is 0).
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.opt_state), jax.tree.leaves(after.opt_state))]
+    assert sum(moved) > len(moved) // 2
+    assert int(after.monitor["count"]) == 5
+    np.testing.assert_allclose(after.monitor["losses"][0], metrics["loss"])  # ring slot 4 % 4 = 0
+
+
+def test_spike_monitor_resumes_exactly(tmp_path):
+    flags = {"train.spike_window": 3, "train.spike_sigmas": 4.0, "train.steps": 10}
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    loop.train(run_cfg(**flags), full)
+    loop.train(run_cfg(**flags), part, stop_at=5)
+    loop.train(run_cfg(**flags), part)
+    rows = {m["step"]: m for m in read_metrics(full) if "loss" in m}
+    assert [m["loss"] for m in read_metrics(part) if "loss" in m][-5:] == [rows[s]["loss"] for s in range(6, 11)]
+    assert "spikes_total" in rows[10] and "spike_threshold" in rows[10]
+    assert llm.load(part).config.train.spike_window == 3
+
+
+def test_checkpoint_with_another_train_state_is_refused_not_quarantined(tmp_path):
+    wd = str(tmp_path / "s")
+    loop.train(run_cfg(**{"train.steps": 4}), wd)
+    with pytest.raises(CheckpointMismatch) as e:  # the spike monitor adds leaves to the state
+        loop.train(run_cfg(**{"train.steps": 8, "train.spike_window": 4}), wd)
+    assert "missing in the checkpoint: monitor.count" in str(e.value) and "config.json" in str(e.value)
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["4"]  # nothing renamed or deleted
+    loop.train(run_cfg(**{"train.steps": 8}), wd)  # the original flags still resume it
+    assert llm.load(wd).step == 8
+
+
+@pytest.mark.parametrize("window, sigmas, msg", [(1, 6.0, "spike_window=1"), (-2, 6.0, "spike_window=-2"),
+                                                 (8, 0.0, "spike_sigmas=0.0")])  # fmt: skip
+def test_bad_spike_flags_are_rejected(window, sigmas, msg):
+    with pytest.raises(ConfigError, match=msg):
+        run_cfg(**{"train.spike_window": window, "train.spike_sigmas": sigmas})

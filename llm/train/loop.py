@@ -126,7 +126,7 @@ def build(cfg: RunConfig, workdir: str, devices=None) -> Experiment:
 
     model = Transformer(model_cfg)
     tx, schedule = optim_lib.make_optimizer(cfg.optim, cfg.train.steps)
-    abstract, shardings = state_lib.state_shardings(model, tx, t, mesh, rules)
+    abstract, shardings = state_lib.state_shardings(model, tx, t, mesh, rules, cfg.train.spike_window)
     return Experiment(
         cfg=cfg, workdir=workdir, mesh=mesh, tokenizer=tok, model=model, train_windows=train_w,
         eval_windows=eval_w, tx=tx, schedule=schedule, abstract_state=abstract,
@@ -145,7 +145,7 @@ def compile_steps(exp: Experiment):
     """Jitted train and eval steps with explicit shardings; the train state is donated."""
     cfg = exp.cfg
     step = functools.partial(train_step, model=exp.model, tx=exp.tx, schedule=exp.schedule,
-                             grad_accum=cfg.train.grad_accum)  # fmt: skip
+                             grad_accum=cfg.train.grad_accum, spike_sigmas=cfg.train.spike_sigmas)  # fmt: skip
     batch_sh = {k: exp.batch_sharding for k in pipeline.FIELDS}
     train_fn = jax.jit(
         _in_context(step, exp.mesh, exp.rules),
@@ -277,7 +277,8 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
         check_same_model(ckpt.read_config(), cfg, ckpt.directory)
     restored = ckpt.restore_latest(abstract, data_it)
     if restored is None:
-        state = state_lib.create_state(exp.model, exp.tx, cfg.data.seq_len, exp.mesh, exp.rules, cfg.train.seed)
+        state = state_lib.create_state(exp.model, exp.tx, cfg.data.seq_len, exp.mesh, exp.rules, cfg.train.seed,
+                                       cfg.train.spike_window)  # fmt: skip
         start = 0
     else:
         start, state, _ = restored
@@ -325,6 +326,9 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
                 row["tokens_per_sec"] = tokens_per_step * steps_window / dt
                 row.update(throughput.metrics(row["tokens_per_sec"]))  # tflops_per_device, mfu
                 row["skipped_total"] = int(jax.device_get(state.skipped))
+                if state.monitor:
+                    row["loss_spike"] = float(sum(m["loss_spike"] for m in host))
+                    row["spikes_total"] = int(jax.device_get(state.monitor["spikes"]))
                 t_window, steps_window = time.perf_counter(), 0
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
                     row.update(evaluate(exp, eval_fn, state.params))
@@ -335,6 +339,11 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
                     elif is_main:
                         print(msg, flush=True)
                 writer.write(step, row)
+                if row.get("loss_spike") and is_main:
+                    msg = (f"step {step}: skipped {row['loss_spike']:.0f} loss-spike update(s) in the last "
+                           f"{cfg.train.log_every} steps (threshold {row['spike_threshold']:.3f}; "
+                           f"{row['spikes_total']} so far)")  # fmt: skip
+                    bar.write(msg) if bar is not None else print(msg, flush=True)
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}")
                 if row["nonfinite"] and cfg.train.nan_policy == "stop":

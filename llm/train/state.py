@@ -21,10 +21,13 @@ class TrainState(struct.PyTreeNode):
     params: Any
     opt_state: Any
     rng: jax.Array  # uint32[2]: dropout stream, folded with step
-    skipped: jax.Array  # int32 scalar: updates skipped for non-finite loss/grads
+    skipped: jax.Array  # int32 scalar: updates not applied (non-finite loss/grads or loss spike)
+    # Loss-spike monitor, {} when train.spike_window = 0: "losses" f32[window] ring buffer of the
+    # last applied losses, "count" int32 (losses seen), "spikes" int32 (updates skipped as spikes).
+    monitor: Any = struct.field(default_factory=dict)
 
 
-def init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int) -> Callable:
+def init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, spike_window: int = 0) -> Callable:
     """rng -> TrainState with boxed (logically annotated) params; jit/eval_shape it."""
 
     def init(rng):
@@ -33,15 +36,22 @@ def init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int) ->
         params = model.init(p_rng, dummy)["params"]
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-            rng=d_rng, skipped=jnp.zeros((), jnp.int32),
+            rng=d_rng, skipped=jnp.zeros((), jnp.int32), monitor=init_monitor(spike_window),
         )  # fmt: skip
 
     return init
 
 
-def state_shardings(model, tx, seq_len: int, mesh, rules) -> tuple[Any, Any]:
+def init_monitor(spike_window: int) -> dict[str, jax.Array]:
+    if not spike_window:
+        return {}
+    zero = jnp.zeros((), jnp.int32)
+    return {"losses": jnp.zeros((spike_window,), jnp.float32), "count": zero, "spikes": zero}
+
+
+def state_shardings(model, tx, seq_len: int, mesh, rules, spike_window: int = 0) -> tuple[Any, Any]:
     """(abstract unboxed state, its NamedShardings) from the logical names on the boxed init."""
-    init = init_fn(model, tx, seq_len)
+    init = init_fn(model, tx, seq_len, spike_window)
     boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
     abstract = nn.meta.unbox(boxed)
     params_sh = sharding.tree_shardings(nn.get_partition_spec(boxed.params), abstract.params, mesh, rules)
@@ -65,7 +75,8 @@ def state_shardings(model, tx, seq_len: int, mesh, rules) -> tuple[Any, Any]:
 
     opt_sh = jax.tree_util.tree_map_with_path(leaf_sharding, abstract.opt_state)
     shardings = abstract.replace(
-        step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated, skipped=replicated
+        step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated, skipped=replicated,
+        monitor=jax.tree.map(lambda _: replicated, abstract.monitor),
     )
     return abstract, shardings
 
@@ -74,10 +85,10 @@ def _dict_path(path) -> tuple[str, ...]:
     return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def create_state(model, tx, seq_len: int, mesh, rules, seed: int) -> TrainState:
+def create_state(model, tx, seq_len: int, mesh, rules, seed: int, spike_window: int = 0) -> TrainState:
     """Initialise directly into the target shardings: no full copy on any one device."""
-    init = init_fn(model, tx, seq_len)
-    _, shardings = state_shardings(model, tx, seq_len, mesh, rules)
+    init = init_fn(model, tx, seq_len, spike_window)
+    _, shardings = state_shardings(model, tx, seq_len, mesh, rules, spike_window)
     with sharding.activate(mesh, rules):
         return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(
             jax.random.PRNGKey(seed)

@@ -39,11 +39,12 @@ def _loss(params, model, batch, rng, n_tokens, aux_weight):
     return nll + aux_weight * aux_total, (nll, aux)
 
 
-def train_step(state: TrainState, batch, *, model, tx, schedule, grad_accum: int = 1):
+def train_step(state: TrainState, batch, *, model, tx, schedule, grad_accum: int = 1, spike_sigmas: float = 6.0):
     """One optimizer update on a global batch (optionally in `grad_accum` micro-batches).
 
     A non-finite loss or gradient leaves params and optimizer state untouched and counts a skip;
-    the host loop decides (train.nan_policy) whether to stop or go on.
+    the host loop decides (train.nan_policy) whether to stop or go on. With a loss-spike monitor
+    in the state (train.spike_window > 0) a spiking loss is skipped the same way.
     """
     n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)
     rng = jax.random.fold_in(state.rng, state.step)
@@ -78,18 +79,34 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, grad_accum: int
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    monitor, spike_metrics, apply = state.monitor, {}, finite
+    if monitor:
+        losses, count = monitor["losses"], monitor["count"]
+        window = losses.shape[0]
+        mean, std = jnp.mean(losses), jnp.maximum(jnp.std(losses), 0.01)
+        # Judged once the window is full; std is floored at 0.01 nats so a flat curve does not
+        # turn ordinary noise into spikes. Skipped losses never enter the window.
+        spike = finite & (count >= window) & (nll > mean + spike_sigmas * std)
+        apply = finite & ~spike
+        monitor = {
+            "losses": jnp.where(apply, losses.at[count % window].set(nll), losses),
+            "count": count + apply.astype(jnp.int32),
+            "spikes": monitor["spikes"] + spike.astype(jnp.int32),
+        }
+        spike_metrics = {"loss_spike": spike.astype(jnp.int32), "spike_threshold": mean + spike_sigmas * std}
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)  # noqa: E731
     new_state = state.replace(
         step=state.step + 1,
         params=keep(new_params, state.params),
         opt_state=keep(new_opt, state.opt_state),
-        skipped=state.skipped + (1 - ok.astype(jnp.int32)),
+        skipped=state.skipped + (1 - apply.astype(jnp.int32)),
+        monitor=monitor,
     )
     metrics = {
         "loss": nll, "total_loss": loss, "grad_norm": grad_norm,
-        "learning_rate": schedule(state.step), "nonfinite": 1 - ok.astype(jnp.int32),
-        "n_tokens": n_tokens, **{f"aux/{k}": v for k, v in aux.items()},
+        "learning_rate": schedule(state.step), "nonfinite": 1 - finite.astype(jnp.int32),
+        "n_tokens": n_tokens, **spike_metrics, **{f"aux/{k}": v for k, v in aux.items()},
     }  # fmt: skip
     return new_state, metrics
 
