@@ -214,7 +214,11 @@ def check(cfg, topo: Topology, force_cpu: bool = False, log=print) -> dict:
                 for k in pipeline.FIELDS}  # fmt: skip
     # The same jit as loop.compile_steps: explicit shardings, donated state, activation constraints.
     step = functools.partial(
-        train_step, model=model, tx=tx, schedule=schedule, grad_accum=cfg.train.grad_accum,
+        train_step,
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        grad_accum=cfg.train.grad_accum,
         spike_sigmas=cfg.train.spike_sigmas,
     )
     fn = jax.jit(loop._in_context(step, mesh, rules), in_shardings=(shardings, {k: batch_sh for k in batch_in}),

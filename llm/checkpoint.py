@@ -146,7 +146,9 @@ def check_compatible(state_dir: str, abstract_state, step: int) -> None:
     """
     try:
         meta = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
-        saved = {_leaf_name(p): m for p, m in jax.tree_util.tree_leaves_with_path(getattr(meta, "tree", meta))}
+        saved = {
+            _leaf_name(p): m for p, m in jax.tree_util.tree_leaves_with_path(getattr(meta, "tree", meta))
+        }
     except Exception as e:  # noqa: BLE001 (missing/garbled _METADATA raises many types)
         raise CheckpointCorrupt(f"checkpoint {state_dir} has no readable metadata: {e!r}") from e
     if not saved:
@@ -159,7 +161,9 @@ def check_compatible(state_dir: str, abstract_state, step: int) -> None:
         if tuple(m.shape) != tuple(a.shape) or jax.numpy.dtype(m.dtype) != jax.numpy.dtype(a.dtype):
             problems.append(f"{k}: saved {tuple(m.shape)} {m.dtype}, now {tuple(a.shape)} {a.dtype}")
     if problems:
-        shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} differences)" if len(problems) > 6 else "")
+        shown = "; ".join(problems[:6]) + (
+            f"; ... ({len(problems)} differences)" if len(problems) > 6 else ""
+        )
         raise CheckpointMismatch(
             f"checkpoint step {step} in {os.path.dirname(state_dir)} does not match the train state this "
             f"config builds ({shown}). The optimizer, loss-spike or model flags differ from the run that "

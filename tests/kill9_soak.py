@@ -45,7 +45,11 @@ def uncommitted(ckpt_dir: str) -> list[str]:
     out = []
     for name in os.listdir(ckpt_dir):
         p = os.path.join(ckpt_dir, name)
-        if os.path.isdir(p) and not os.path.exists(os.path.join(p, "commit_success.txt")) and "corrupt" not in name:
+        if (
+            os.path.isdir(p)
+            and not os.path.exists(os.path.join(p, "commit_success.txt"))
+            and "corrupt" not in name
+        ):
             out.append(name)
     return out
 
@@ -99,7 +103,9 @@ def main() -> None:
         wd = os.path.join(tmp, f"run{i}")
         r = soak_one(wd, rng)
         step, params = final_params(wd)
-        r["equal_to_uninterrupted"] = step == ref_step and all(np.array_equal(a, b) for a, b in zip(params, ref))
+        r["equal_to_uninterrupted"] = step == ref_step and all(
+            np.array_equal(a, b) for a, b in zip(params, ref)
+        )
         results.append(r)
         print(json.dumps({"run": i, **r}), flush=True)
         shutil.rmtree(wd, ignore_errors=True)

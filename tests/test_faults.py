@@ -201,7 +201,10 @@ def test_loss_within_the_window_is_applied_and_recorded(tmp_path):
     window = before.monitor["losses"]
     np.testing.assert_allclose(metrics["spike_threshold"], window.mean() + 3 * window.std(), rtol=1e-5)
     # Applied: Adam's moments moved (the params not yet: warmup's learning rate at step 0 is 0).
-    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.opt_state), jax.tree.leaves(after.opt_state))]
+    moved = [
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(before.opt_state), jax.tree.leaves(after.opt_state))
+    ]
     assert sum(moved) > len(moved) // 2
     assert int(after.monitor["count"]) == 5
     np.testing.assert_allclose(after.monitor["losses"][0], metrics["loss"])  # ring slot 4 % 4 = 0
@@ -214,7 +217,9 @@ def test_spike_monitor_resumes_exactly(tmp_path):
     loop.train(run_cfg(**flags), part, stop_at=5)
     loop.train(run_cfg(**flags), part)
     rows = {m["step"]: m for m in read_metrics(full) if "loss" in m}
-    assert [m["loss"] for m in read_metrics(part) if "loss" in m][-5:] == [rows[s]["loss"] for s in range(6, 11)]
+    assert [m["loss"] for m in read_metrics(part) if "loss" in m][-5:] == [
+        rows[s]["loss"] for s in range(6, 11)
+    ]
     assert "spikes_total" in rows[10] and "spike_threshold" in rows[10]
     assert llm.load(part).config.train.spike_window == 3
 

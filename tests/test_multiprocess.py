@@ -79,8 +79,12 @@ def test_two_processes_match_one_and_resume(reference, tmp_path, repo_root):
     exp = loop.build(tiny_cfg(**FLAGS), str(wd))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           exp.abstract_state, exp.state_shardings)  # fmt: skip
-    ds = pipeline.train_dataset(exp.train_windows, exp.cfg.train.batch_size, exp.cfg.data.seed,
-                                shift_windows=exp.cfg.data.shift_windows)
+    ds = pipeline.train_dataset(
+        exp.train_windows,
+        exp.cfg.train.batch_size,
+        exp.cfg.data.seed,
+        shift_windows=exp.cfg.data.shift_windows,
+    )
     it = pipeline.train_iterator(ds, threads=0)
     ckpt = Checkpointer(str(wd / "checkpoints"), async_save=False)
     state, _ = ckpt.restore(STOP, target, it)

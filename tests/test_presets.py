@@ -44,7 +44,9 @@ def test_llama2_70b_uses_gqa():
 
 
 def _config_files(root):
-    return sorted(f for f in glob.glob(os.path.join(root, "configs", "*.py")) if not f.endswith("__init__.py"))
+    return sorted(
+        f for f in glob.glob(os.path.join(root, "configs", "*.py")) if not f.endswith("__init__.py")
+    )
 
 
 def test_every_config_builds_abstractly(repo_root):

@@ -51,8 +51,12 @@ def experiment(arch: str, mesh: tuple[int, int, int]):
 
 
 def data_iterator(exp):
-    ds = pipeline.train_dataset(exp.train_windows, exp.cfg.train.batch_size, exp.cfg.data.seed,
-                                shift_windows=exp.cfg.data.shift_windows)
+    ds = pipeline.train_dataset(
+        exp.train_windows,
+        exp.cfg.train.batch_size,
+        exp.cfg.data.seed,
+        shift_windows=exp.cfg.data.shift_windows,
+    )
     return pipeline.train_iterator(ds, threads=0)
 
 

@@ -66,8 +66,15 @@ def test_resume_gives_bitwise_identical_losses(trained, tmp_path):
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
     one = tiny_cfg(**{"train.log_every": 1, "train.steps": 6, "train.eval_every": 0, "train.batch_size": 32})
-    acc = tiny_cfg(**{"train.log_every": 1, "train.steps": 6, "train.eval_every": 0, "train.grad_accum": 4,
-                   "train.batch_size": 32})
+    acc = tiny_cfg(
+        **{
+            "train.log_every": 1,
+            "train.steps": 6,
+            "train.eval_every": 0,
+            "train.grad_accum": 4,
+            "train.batch_size": 32,
+        }
+    )
     train(one, str(tmp_path / "one"))
     train(acc, str(tmp_path / "acc"))
     a, b = losses(str(tmp_path / "one")), losses(str(tmp_path / "acc"))

@@ -72,8 +72,10 @@ class ModelConfig:
             f"model.attention.n_heads={a.n_heads} is not divisible by model.attention.n_kv_heads="
             f"{a.kv_heads}; n_kv_heads must divide n_heads (1 = MQA, n_heads = MHA)",
         )
-        _check(self.norm_position in NORM_POSITIONS,
-               f"unknown model.norm_position {self.norm_position!r}; valid choices: pre, post")
+        _check(
+            self.norm_position in NORM_POSITIONS,
+            f"unknown model.norm_position {self.norm_position!r}; valid choices: pre, post",
+        )
         for name in ("dtype", "param_dtype"):
             v = getattr(self, name)
             _check(v in DTYPES, f"unknown model.{name} {v!r}; valid choices: {', '.join(DTYPES)}")

@@ -18,9 +18,7 @@ REMAT.register("none")(None)
 REMAT.register("full")(lambda: None)  # save nothing: recompute the whole block
 REMAT.register("dots")(lambda: jax.checkpoint_policies.checkpoint_dots)
 REMAT.register("dots_no_batch")(lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-REMAT.register("attention_out")(
-    lambda: jax.checkpoint_policies.save_only_these_names("attention_out")
-)
+REMAT.register("attention_out")(lambda: jax.checkpoint_policies.save_only_these_names("attention_out"))
 
 
 class Block(nn.Module):

@@ -14,12 +14,16 @@ import sys
 # Only the CPU platform is affected; GPUs/TPUs are untouched. Must be set before jax is imported.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     _n = os.environ.get("LLM_CPU_DEVICES", "2")
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_n}".strip()
+    os.environ["XLA_FLAGS"] = (
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_n}".strip()
+    )
 
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare.py", "Config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/shakespeare.py", "Config file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, tokenizer).")
 _STOP_AT = flags.DEFINE_integer(
     "stop_at",

@@ -136,9 +136,7 @@ def build(cfg: RunConfig, workdir: str, devices=None) -> Experiment:
 
 def to_global(exp: Experiment, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows -> global arrays sharded over the data-parallel mesh axes."""
-    return {
-        k: jax.make_array_from_process_local_data(exp.batch_sharding, v) for k, v in local_batch.items()
-    }
+    return {k: jax.make_array_from_process_local_data(exp.batch_sharding, v) for k, v in local_batch.items()}
 
 
 def compile_steps(exp: Experiment):
@@ -271,7 +269,9 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
                                      shift_windows=cfg.data.shift_windows)  # fmt: skip
     data_it = pipeline.train_iterator(data_ds, cfg.data.worker_threads)
     abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), exp.abstract_state, exp.state_shardings
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        exp.abstract_state,
+        exp.state_shardings,
     )
     if ckpt.steps():
         check_same_model(ckpt.read_config(), cfg, ckpt.directory)
@@ -333,7 +333,9 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
                     row.update(evaluate(exp, eval_fn, state.params))
                     t_window = time.perf_counter()  # keep eval time out of tokens/s
-                    msg = f"step {step}: eval loss {row['eval_loss']:.4f} | bits per byte {row['eval_bpb']:.4f}"
+                    msg = (
+                        f"step {step}: eval loss {row['eval_loss']:.4f} | bits per byte {row['eval_bpb']:.4f}"
+                    )
                     if bar is not None:
                         bar.write(msg)
                     elif is_main:

@@ -58,7 +58,10 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
     groups = {
         name: optax.adamw(
             lambda step, m=s["lr_mult"]: schedule(step) * m,
-            b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=s["weight_decay"],
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=s["weight_decay"],
         )  # fmt: skip
         for name, s in group_settings(cfg).items()
     }

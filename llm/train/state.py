@@ -27,7 +27,9 @@ class TrainState(struct.PyTreeNode):
     monitor: Any = struct.field(default_factory=dict)
 
 
-def init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, spike_window: int = 0) -> Callable:
+def init_fn(
+    model: nn.Module, tx: optax.GradientTransformation, seq_len: int, spike_window: int = 0
+) -> Callable:
     """rng -> TrainState with boxed (logically annotated) params; jit/eval_shape it."""
 
     def init(rng):
@@ -75,7 +77,11 @@ def state_shardings(model, tx, seq_len: int, mesh, rules, spike_window: int = 0)
 
     opt_sh = jax.tree_util.tree_map_with_path(leaf_sharding, abstract.opt_state)
     shardings = abstract.replace(
-        step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated, skipped=replicated,
+        step=replicated,
+        params=params_sh,
+        opt_state=opt_sh,
+        rng=replicated,
+        skipped=replicated,
         monitor=jax.tree.map(lambda _: replicated, abstract.monitor),
     )
     return abstract, shardings
@@ -90,9 +96,7 @@ def create_state(model, tx, seq_len: int, mesh, rules, seed: int, spike_window: 
     init = init_fn(model, tx, seq_len, spike_window)
     _, shardings = state_shardings(model, tx, seq_len, mesh, rules, spike_window)
     with sharding.activate(mesh, rules):
-        return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(
-            jax.random.PRNGKey(seed)
-        )
+        return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(jax.random.PRNGKey(seed))
 
 
 def count_params(params) -> int:

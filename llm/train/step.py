@@ -39,7 +39,9 @@ def _loss(params, model, batch, rng, n_tokens, aux_weight):
     return nll + aux_weight * aux_total, (nll, aux)
 
 
-def train_step(state: TrainState, batch, *, model, tx, schedule, grad_accum: int = 1, spike_sigmas: float = 6.0):
+def train_step(
+    state: TrainState, batch, *, model, tx, schedule, grad_accum: int = 1, spike_sigmas: float = 6.0
+):
     """One optimizer update on a global batch (optionally in `grad_accum` micro-batches).
 
     A non-finite loss or gradient leaves params and optimizer state untouched and counts a skip;
