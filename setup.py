@@ -27,7 +27,7 @@ setup(
     install_requires=INSTALL,
     extras_require={
         "dev": [
-            "pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "matplotlib>=3.8",
+            "pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "matplotlib>=3.8", "psutil>=5.9",
             # notebooks: paired .ipynb/.py, executed top to bottom by tests/test_notebooks.py
             "jupytext==1.19.6", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
         ],

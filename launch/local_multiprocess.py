@@ -28,6 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB_ENV = ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 GRACE_S = 20.0  # after a failure, how long the other processes get to exit before SIGKILL
 SIGNAL_GRACE_S = 120.0  # after a forwarded SIGTERM/SIGINT and a first exit, how long the rest get
+PREEMPTED = (128 + signal.SIGTERM, 128 + signal.SIGINT)  # llm.train's "checkpoint saved" exits
 
 
 def free_port() -> int:
@@ -103,11 +104,14 @@ def launch(
         while any(p.poll() is None for p in procs):
             codes = [p.poll() for p in procs]
             bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-            if forwarded and any(c is not None for c in codes) and deadline is None:
-                # After a forwarded signal every process saves its part of the checkpoint and exits
-                # 143/130 on its own; one that has not within the grace period is stuck.
+            preempted = any(c in PREEMPTED for c in codes)
+            if (forwarded or preempted) and any(c is not None for c in codes) and deadline is None:
+                # After a signal (forwarded, or sent to one process: JAX's preemption sync point
+                # stops all of them at the same step) every process saves its part of the
+                # checkpoint and exits 143/130 on its own; one that has not within the grace
+                # period is stuck.
                 deadline = time.time() + SIGNAL_GRACE_S
-            elif bad and failed is None and not forwarded:
+            elif bad and failed is None and not forwarded and not preempted:
                 i, failed = bad[0]
                 out.write(f"[launch] process {i} exited with {failed}; stopping the others\n")
                 for p in procs:

@@ -6,9 +6,14 @@ launch/local_multiprocess.py starts the processes as hosts of a pod would run (j
 
 import io
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
+import psutil
 import pytest
 
 from launch import local_multiprocess
@@ -113,3 +118,48 @@ def test_dry_run_prints_one_command_per_process(capsys):
         assert "XLA_FLAGS=--xla_force_host_platform_device_count=2 " in line
         assert line.endswith("-m llm.train --config=configs/tiny.py --workdir=/tmp/w "
                              "--config.train.distributed=true &")  # fmt: skip
+
+
+def test_sigterm_to_one_process_stops_every_process_at_one_step(tmp_path, repo_root):
+    """Preemption on a pod: one host gets SIGTERM; JAX's preemption sync point makes every process
+    save the same step and exit 143, and the launch resumes from it."""
+    wd = tmp_path / "pre"
+    flags = dict(FLAGS, **{"train.steps": 2000})
+    args = ["--config=configs/tiny.py", f"--workdir={wd}", "--config.train.progress=false"]
+    args += [f"--config.{k}={v}" for k, v in flags.items()]
+    with open(tmp_path / "launch.log", "w") as log:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "launch.local_multiprocess", "--processes=2", "--devices_per_process=4", "--"]
+            + args,
+            cwd=repo_root, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.time() + 240
+            while not (wd / "metrics.jsonl").exists() or len(losses(wd)) < 3:
+                assert launcher.poll() is None and time.time() < deadline, (tmp_path / "launch.log").read_text()
+                time.sleep(0.2)
+            workers = psutil.Process(launcher.pid).children()
+            second = next(w for w in workers if w.environ().get("JAX_PROCESS_ID") == "1")
+            second.send_signal(signal.SIGTERM)  # process 0 is not signalled
+            code = launcher.wait(timeout=300)
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+    text = (tmp_path / "launch.log").read_text()
+    assert code == 143, tail(text)
+    assert "[launch] exit codes [143, 143]" in text, tail(text)
+    assert "[p0] signal received: saving a checkpoint at step" in text, tail(text)
+    ckpt = Checkpointer(str(wd / "checkpoints"), async_save=False)
+    saved = ckpt.steps()
+    ckpt.close()
+    assert len(saved) == 1 and 3 <= saved[0] < flags["train.steps"], saved
+    stop = saved[0]
+    assert max(losses(wd)) == stop  # nobody ran past the agreed step
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(wd / "checkpoints" / str(stop) / "data"))
+
+    out = io.StringIO()
+    code = local_multiprocess.launch([*args, f"--stop_at={stop + 2}"], processes=2, devices_per_process=4,
+                                     out=out, cwd=repo_root)  # fmt: skip
+    assert code == 0, tail(out.getvalue())
+    assert f"resuming at step {stop}" in out.getvalue()
+    assert max(losses(wd)) == stop + 2
