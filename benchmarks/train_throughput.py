@@ -51,6 +51,17 @@ def jax_worker(config: str, precision: str, settings: str, cache: bool) -> None:
         from llm.model import dots  # noqa: PLC0415
 
         dots._on_cpu = lambda: False
+    if opts.pop("attn_dots", "on") == "off":  # A/B: attention einsums as plain jnp.einsum (autodiff VJP)
+        import jax.numpy as jnp  # noqa: PLC0415
+
+        from llm.model import dots  # noqa: PLC0415
+
+        def plain(spec, a, b, out_dtype=None):
+            out_dtype = jnp.dtype(out_dtype or a.dtype)
+            pref = jnp.float32 if out_dtype == jnp.float32 else None
+            return jnp.einsum(spec, a, b, preferred_element_type=pref).astype(out_dtype)
+
+        dots.einsum = plain
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
@@ -71,6 +82,7 @@ def jax_worker(config: str, precision: str, settings: str, cache: bool) -> None:
     )
     c.model.vocab_size, c.model.max_seq_len, c.data.seq_len = shape.vocab, shape.seq_len, shape.seq_len
     c.model.dtype = "bfloat16" if precision == "bf16" else "float32"
+    c.model.dropout = 0.0  # the PyTorch reference has no dropout (configs/shakespeare.py sets 0.1)
     c.data.tokenizer.kind = "byte"  # the step does not depend on the tokenizer; skip training one
     c.train.batch_size = shape.batch
     for key, value in opts.items():
@@ -328,7 +340,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per worker after compiling")
     ap.add_argument("--quick", action="store_true", help="tiny config, 1 repeat: checks that it works")
     ap.add_argument("--variant", action="append", default=[],
-                    help="extra JAX variant 'NAME:k=v;k=v' with k = devices | xla (extra XLA_FLAGS) | dots=off "
+                    help="extra JAX variant 'NAME:k=v;k=v' with k = devices | xla (extra XLA_FLAGS) | dots=off | attn_dots=off "
                          "| a config path such as model.attention.impl or model.remat")  # fmt: skip
     ap.add_argument("--max-load", type=float, default=0.15, help="foreign CPU cores tolerated before a block")
     ap.add_argument("--max-wait", type=float, default=900.0, help="seconds to wait for an idle CPU")

@@ -20,6 +20,8 @@ import shlex
 import subprocess
 import sys
 
+from launch import split_train_args
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -58,11 +60,7 @@ def render(a: argparse.Namespace, train_args: list[str]) -> str:
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    if "--" in argv:
-        i = argv.index("--")
-        argv, train_args = argv[:i], argv[i + 1 :]
-    else:
-        train_args = []
+    argv, train_args = split_train_args(argv)
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], usage="%(prog)s [options] -- <llm.train flags>"
     )

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from launch import split_train_args
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REMOTE_DIR = "llm"  # on each worker, under the ssh user's home
 RUNTIME_VERSIONS = {  # default TPU VM software per generation (override with --runtime_version)
@@ -152,11 +154,7 @@ class Runner:
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    if "--" in argv:
-        i = argv.index("--")
-        argv, train_args = argv[:i], argv[i + 1 :]
-    else:
-        train_args = []
+    argv, train_args = split_train_args(argv)
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], usage="%(prog)s STEP [options] -- <llm.train flags>"
     )

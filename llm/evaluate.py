@@ -29,7 +29,7 @@ import numpy as np
 
 from llm.data import pipeline, sources
 from llm.data.tokenizers import Tokenizer
-from llm.train.step import eval_step
+from llm.train.step import eval_step, eval_summary
 
 HELDOUT = "heldout"
 MC_TASK = "shakespeare_next_line"
@@ -63,19 +63,8 @@ def language_model_metrics(model, params, tokenizer: Tokenizer, docs: list[str],
     token_bytes = np.zeros(model.cfg.vocab_size, np.int32)
     token_bytes[: len(tokenizer.token_bytes)] = tokenizer.token_bytes
     fn = _eval_fn(model)
-    totals = {"nll_sum": 0.0, "n_tokens": 0.0, "n_bytes": 0.0}
-    for batch in pipeline.eval_batches(windows, batch_size, max_batches=max_batches):
-        out = jax.device_get(fn(params, batch, token_bytes))
-        for k in totals:
-            totals[k] += float(out[k])
-    loss = totals["nll_sum"] / max(totals["n_tokens"], 1)
-    return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 50)),
-        "bits_per_byte": totals["nll_sum"] / math.log(2) / max(totals["n_bytes"], 1),
-        "tokens": int(totals["n_tokens"]),
-        "bytes": int(totals["n_bytes"]),
-    }
+    batches = pipeline.eval_batches(windows, batch_size, max_batches=max_batches)
+    return eval_summary(fn(params, batch, token_bytes) for batch in batches)
 
 
 # ---- multiple choice ---------------------------------------------------------------------------

@@ -23,9 +23,7 @@ def einsum_attention(module, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, deter
     b, t, n, h = q_BTNH.shape
     kv = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
-    scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * (
-        h**-0.5
-    )
+    scores_BKGTS = dots.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, out_dtype=jnp.float32) * (h**-0.5)
     if bias_BNTS is not None:
         scores_BKGTS = scores_BKGTS + bias_BNTS.reshape(b, kv, n // kv, t, -1)
     scores_BKGTS = jnp.where(mask_B1TS[:, :, None], scores_BKGTS, NEG_INF)
@@ -37,7 +35,7 @@ def einsum_attention(module, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, deter
     rate = module.attn_cfg.dropout
     if rate > 0 and not deterministic:
         probs_BKGTS = nn.Dropout(rate, name="attn_dropout")(probs_BKGTS, deterministic=False)
-    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
+    out_BTKGH = dots.einsum("bkgts,bskh->btkgh", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
     return out_BTKGH.reshape(b, t, n, h)
 
 

@@ -110,3 +110,40 @@ def _attend_bwd(res, g):
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def einsum(spec: str, a, b, out_dtype=None):
+    """Two-operand einsum (attention's batched matmuls) with an f32 accumulator, cast to out_dtype.
+
+    On CPU with bf16 operands a custom VJP keeps the two gradient einsums in the same fast form
+    (bf16 inputs, f32 result): autodiff would feed them the f32 cotangent, and XLA:CPU then
+    upcasts the bf16 operand and runs the matmul at the f32 rate. Elsewhere it is jnp.einsum.
+    Every index of `a` must appear in `b` or the output (and likewise for `b`), as in attention.
+    """
+    out_dtype = jnp.dtype(out_dtype or a.dtype)
+    if not (_on_cpu() and a.dtype == b.dtype == jnp.bfloat16):
+        pref = jnp.float32 if out_dtype == jnp.float32 else None
+        return jnp.einsum(spec, a, b, preferred_element_type=pref).astype(out_dtype)
+    return _einsum(spec, out_dtype, a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _einsum(spec, out_dtype, a, b):
+    return _einsum_fwd(spec, out_dtype, a, b)[0]
+
+
+def _einsum_fwd(spec, out_dtype, a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype), (a, b)
+
+
+def _einsum_bwd(spec, out_dtype, res, g):
+    a, b = res
+    ins, out = spec.split("->")
+    sa, sb = ins.split(",")
+    g = g.astype(a.dtype)
+    da = jnp.einsum(f"{out},{sb}->{sa}", g, b, preferred_element_type=jnp.float32)
+    db = jnp.einsum(f"{sa},{out}->{sb}", a, g, preferred_element_type=jnp.float32)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_einsum.defvjp(_einsum_fwd, _einsum_bwd)

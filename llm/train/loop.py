@@ -30,7 +30,7 @@ from llm.train import optimizer as optim_lib
 from llm.train import state as state_lib
 from llm.train.metrics import MetricWriter
 from llm.train.profiling import StepProfiler
-from llm.train.step import eval_step, train_step
+from llm.train.step import eval_step, eval_summary, train_step
 from llm.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
@@ -164,20 +164,11 @@ def compile_steps(exp: Experiment):
 def evaluate(exp: Experiment, eval_fn, params) -> dict[str, float]:
     """Held-out loss, perplexity and bits per byte over the eval split (or its first N batches)."""
     t = exp.cfg.train
-    bs = t.eval_batch_size or t.batch_size
-    totals = {"nll_sum": 0.0, "n_tokens": 0.0, "n_bytes": 0.0}
-    for local in pipeline.eval_batches(exp.eval_windows, bs, jax.process_index(), jax.process_count(),
-                                       t.eval_batches):  # fmt: skip
-        out = jax.device_get(eval_fn(params, to_global(exp, local)))
-        for k in totals:
-            totals[k] += float(out[k])
-    loss = totals["nll_sum"] / max(totals["n_tokens"], 1)
-    return {
-        "eval_loss": loss,
-        "eval_ppl": math.exp(min(loss, 50)),
-        "eval_bpb": totals["nll_sum"] / math.log(2) / max(totals["n_bytes"], 1),
-        "eval_tokens": totals["n_tokens"],
-    }
+    batches = pipeline.eval_batches(exp.eval_windows, t.eval_batch_size or t.batch_size, jax.process_index(),
+                                    jax.process_count(), t.eval_batches)  # fmt: skip
+    s = eval_summary(eval_fn(params, to_global(exp, local)) for local in batches)
+    return {"eval_loss": s["loss"], "eval_ppl": s["perplexity"], "eval_bpb": s["bits_per_byte"],
+            "eval_tokens": s["tokens"]}  # fmt: skip
 
 
 class _Signals:

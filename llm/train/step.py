@@ -1,9 +1,13 @@
-"""Pure, jit-able step functions: `train_step(state, batch) -> (state, metrics)` and `eval_step`.
+"""Pure, jit-able step functions: `train_step(state, batch) -> (state, metrics)` and `eval_step`
+(plus `eval_summary`, which turns summed eval_step outputs into loss / perplexity / bits per byte).
 
 Model, optimizer and schedule are bound with functools.partial before jitting (see loop.py).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -120,3 +124,21 @@ def eval_step(params, batch, *, model, token_bytes):
     nll = jnp.sum(token_nll(logits_BTV, batch["targets"]) * mask_BT)
     n_bytes = jnp.sum(jnp.take(token_bytes, batch["targets"]) * mask_BT)
     return {"nll_sum": nll, "n_tokens": jnp.sum(mask_BT), "n_bytes": n_bytes}
+
+
+def eval_summary(outputs: Iterable[dict]) -> dict[str, float]:
+    """Sum eval_step outputs (host or device) over batches: loss in nats/token, perplexity,
+    bits per byte (NLL in bits over the UTF-8 bytes of the scored tokens), tokens, bytes."""
+    totals = {"nll_sum": 0.0, "n_tokens": 0.0, "n_bytes": 0.0}
+    for out in outputs:
+        out = jax.device_get(out)
+        for k in totals:
+            totals[k] += float(out[k])
+    loss = totals["nll_sum"] / max(totals["n_tokens"], 1)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50)),
+        "bits_per_byte": totals["nll_sum"] / math.log(2) / max(totals["n_bytes"], 1),
+        "tokens": int(totals["n_tokens"]),
+        "bytes": int(totals["n_bytes"]),
+    }
