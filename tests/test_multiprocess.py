@@ -136,7 +136,9 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step(tmp_path, repo_r
         try:
             deadline = time.time() + 240
             while not (wd / "metrics.jsonl").exists() or len(losses(wd)) < 3:
-                assert launcher.poll() is None and time.time() < deadline, (tmp_path / "launch.log").read_text()
+                assert launcher.poll() is None and time.time() < deadline, (
+                    tmp_path / "launch.log"
+                ).read_text()
                 time.sleep(0.2)
             workers = psutil.Process(launcher.pid).children()
             second = next(w for w in workers if w.environ().get("JAX_PROCESS_ID") == "1")
@@ -155,7 +157,9 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step(tmp_path, repo_r
     assert len(saved) == 1 and 3 <= saved[0] < flags["train.steps"], saved
     stop = saved[0]
     assert max(losses(wd)) == stop  # nobody ran past the agreed step
-    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(wd / "checkpoints" / str(stop) / "data"))
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(
+        os.listdir(wd / "checkpoints" / str(stop) / "data")
+    )
 
     out = io.StringIO()
     code = local_multiprocess.launch([*args, f"--stop_at={stop + 2}"], processes=2, devices_per_process=4,

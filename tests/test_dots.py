@@ -1,0 +1,67 @@
+"""llm/model/dots.py: the CPU fast-form matmuls equal plain jnp math, values and gradients.
+
+The reference is computed in float64-free numpy-precision f32 from the same (bf16-rounded) inputs,
+so the bf16 tolerance only covers the one rounding of each result to bf16.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from llm.model import dots
+
+F32_TOL = dict(rtol=2e-5, atol=2e-5)
+BF16_TOL = dict(rtol=2e-2, atol=2e-2)  # one bf16 rounding (8 mantissa bits) of O(1) values
+
+
+def _rand(key, shape, dtype):
+    return jax.random.normal(jax.random.PRNGKey(key), shape, jnp.float32).astype(dtype)
+
+
+def _check(fn, ref, args, dtype):
+    """fn(*args) == ref(*args) and their gradients of sum(out * w) agree."""
+    tol = F32_TOL if dtype == jnp.float32 else BF16_TOL
+    out, ref_out = fn(*args), ref(*[a.astype(jnp.float32) for a in args])
+    assert out.shape == ref_out.shape
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_out), **tol)
+    w = _rand(99, out.shape, jnp.float32)
+    grads = jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * w), argnums=tuple(range(len(args))))(
+        *args
+    )
+    ref_grads = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=tuple(range(len(args))))(
+        *[a.astype(jnp.float32) for a in args]
+    )
+    for g, r, a in zip(grads, ref_grads, args):
+        assert g.dtype == a.dtype and g.shape == a.shape
+        scale = float(jnp.max(jnp.abs(r))) or 1.0  # gradients sum many terms: compare relative to their size
+        np.testing.assert_allclose(np.asarray(g, np.float32) / scale, np.asarray(r) / scale, **tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_dot_general_matches_lax(dtype):
+    x, w = _rand(0, (2, 5, 4, 8), dtype), _rand(1, (4, 8, 3, 6), dtype)  # two contracting dims
+    dn = (((2, 3), (0, 1)), ((), ()))
+    _check(lambda a, b: dots.dot_general(a, b, dn), lambda a, b: lax.dot_general(a, b, dn), (x, w), dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tied_head_attend_matches_dot(dtype):
+    x, table = _rand(2, (3, 7, 16), dtype), _rand(3, (40, 16), dtype)
+    _check(dots.attend, lambda a, b: jnp.dot(a, b.T), (x, table), dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "spec, sa, sb",
+    [
+        ("btkgh,bskh->bkgts", (2, 6, 2, 3, 8), (2, 6, 2, 8)),
+        ("bkgts,bskh->btkgh", (2, 2, 3, 6, 6), (2, 6, 2, 8)),
+    ],
+)
+def test_attention_einsum_matches_jnp(dtype, spec, sa, sb):
+    a, b = _rand(4, sa, dtype), _rand(5, sb, dtype)
+    _check(lambda x, y: dots.einsum(spec, x, y, out_dtype=jnp.float32), lambda x, y: jnp.einsum(spec, x, y), (a, b),
+           dtype)  # fmt: skip
+    assert dots.einsum(spec, a, b).dtype == dtype  # out_dtype defaults to the operands' dtype
