@@ -156,6 +156,7 @@ def test_kill9_at_random_moments_resumes_exactly(repo_root):
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["all_equal_to_uninterrupted"] and summary["total_kills"] >= 1
+    assert summary["all_restarts_from_newest_committed"] and summary["restarts_checked"] >= 1
 
 
 def _spike_setup(tmp_path, window=4):
