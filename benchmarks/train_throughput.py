@@ -81,7 +81,11 @@ def jax_worker(config: str, precision: str, settings: str, cache: bool) -> None:
         shape.n_heads,
     )
     c.model.vocab_size, c.model.max_seq_len, c.data.seq_len = shape.vocab, shape.seq_len, shape.seq_len
-    c.model.dtype = "bfloat16" if precision == "bf16" else "float32"
+    # bf16 = autocast-style like the torch.autocast reference: matmul inputs in bf16 (f32
+    # accumulation), activations, norms and elementwise math in f32. All-bf16 activations
+    # (model.dtype=bfloat16) can be timed as a variant: 'allbf16:model.dtype=bfloat16'.
+    c.model.dtype = "float32"
+    c.model.matmul_dtype = "bfloat16" if precision == "bf16" else None
     c.model.dropout = 0.0  # the PyTorch reference has no dropout (configs/shakespeare.py sets 0.1)
     c.data.tokenizer.kind = "byte"  # the step does not depend on the tokenizer; skip training one
     c.train.batch_size = shape.batch

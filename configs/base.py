@@ -31,6 +31,8 @@ def get_config() -> config_dict.ConfigDict:
     m.tie_embeddings = True
     m.dtype = "float32"  # compute dtype: float32 | bfloat16
     m.param_dtype = "float32"
+    # bfloat16 with dtype=float32: autocast-style mixed precision (only matmul inputs in bf16)
+    m.matmul_dtype = p(str)
     m.init_std = 0.02
     m.scan_layers = False
     m.remat = "none"  # none | full | dots | dots_no_batch | attention_out

@@ -65,3 +65,27 @@ def test_attention_einsum_matches_jnp(dtype, spec, sa, sb):
     _check(lambda x, y: dots.einsum(spec, x, y, out_dtype=jnp.float32), lambda x, y: jnp.einsum(spec, x, y), (a, b),
            dtype)  # fmt: skip
     assert dots.einsum(spec, a, b).dtype == dtype  # out_dtype defaults to the operands' dtype
+
+
+def _bf16_round(x):
+    return x.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def test_autocast_casts_matmul_inputs_and_returns_f32():
+    """matmul_dtype=bfloat16 on f32 operands == f32 math on bf16-rounded inputs, result in f32."""
+    x, w = _rand(6, (3, 5, 16), jnp.float32), _rand(7, (16, 12), jnp.float32)
+    dn = (((2,), (0,)), ((), ()))
+    out = dots.dot_general(x, w, dn, matmul_dtype="bfloat16")
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, lax.dot_general(_bf16_round(x), _bf16_round(w), dn), **BF16_TOL)
+    assert not np.allclose(out, lax.dot_general(x, w, dn), rtol=1e-6, atol=1e-6)  # really went through bf16
+    g = jax.grad(lambda a: jnp.sum(dots.dot_general(a, w, dn, matmul_dtype="bfloat16")))(x)
+    assert g.dtype == jnp.float32
+    table = _rand(8, (40, 16), jnp.float32)
+    logits = dots.attend(x, table, "bfloat16")
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, jnp.dot(_bf16_round(x), _bf16_round(table).T), **BF16_TOL)
+    q, k = _rand(9, (2, 6, 2, 3, 8), jnp.float32), _rand(10, (2, 6, 2, 8), jnp.float32)
+    s = dots.einsum("btkgh,bskh->bkgts", q, k, matmul_dtype="bfloat16")
+    assert s.dtype == jnp.float32
+    np.testing.assert_allclose(s, jnp.einsum("btkgh,bskh->bkgts", _bf16_round(q), _bf16_round(k)), **BF16_TOL)

@@ -175,6 +175,19 @@ def test_bf16_compute_keeps_fp32_params_and_is_close():
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=0.05, atol=0.5)
 
 
+@pytest.mark.parametrize("impl", ["einsum", "jax"])
+def test_autocast_matmuls_keep_f32_activations_and_are_close(impl):
+    """model.matmul_dtype=bfloat16 with dtype=float32: f32 logits, bf16-close to full fp32."""
+    cfg = small(positional="rope", matmul_dtype="bfloat16", attention=dict(impl=impl))
+    model, params = init(cfg)
+    tokens = jnp.asarray(np.random.RandomState(7).randint(0, 50, (2, 8)))
+    out = model.apply({"params": params}, tokens)
+    assert out.dtype == jnp.float32
+    ref = Transformer(cfg.replace(matmul_dtype=None)).apply({"params": params}, tokens)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0.05, atol=0.5)
+    assert not np.allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-6)
+
+
 def test_jax_attention_impl_matches_einsum():
     for kw in [dict(), dict(positional="alibi"), dict(attention=dict(n_kv_heads=2), positional="rope")]:
         cfg = small(**kw)

@@ -23,7 +23,9 @@ def einsum_attention(module, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, deter
     b, t, n, h = q_BTNH.shape
     kv = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
-    scores_BKGTS = dots.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, out_dtype=jnp.float32) * (h**-0.5)
+    scores_BKGTS = dots.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, jnp.float32, module.cfg.matmul_dtype) * (
+        h**-0.5
+    )
     if bias_BNTS is not None:
         scores_BKGTS = scores_BKGTS + bias_BNTS.reshape(b, kv, n // kv, t, -1)
     scores_BKGTS = jnp.where(mask_B1TS[:, :, None], scores_BKGTS, NEG_INF)
@@ -35,7 +37,8 @@ def einsum_attention(module, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, deter
     rate = module.attn_cfg.dropout
     if rate > 0 and not deterministic:
         probs_BKGTS = nn.Dropout(rate, name="attn_dropout")(probs_BKGTS, deterministic=False)
-    out_BTKGH = dots.einsum("bkgts,bskh->btkgh", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
+    out_BTKGH = dots.einsum("bkgts,bskh->btkgh", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH,
+                            matmul_dtype=module.cfg.matmul_dtype)  # fmt: skip
     return out_BTKGH.reshape(b, t, n, h)
 
 
@@ -44,12 +47,15 @@ def jax_attention(module, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, determin
     """jax.nn.dot_product_attention: XLA's fused path on CPU/TPU, cuDNN flash on GPU via XLA."""
     if module.attn_cfg.dropout > 0 and not deterministic:
         raise ValueError("model.attention.impl=jax has no attention dropout; use impl=einsum")
+    dtype, mm = q_BTNH.dtype, module.cfg.matmul_dtype
+    if mm is not None and dtype == jnp.float32:  # autocast: bf16 inputs, result back in f32
+        q_BTNH, k_BSKH, v_BSKH = (x.astype(mm) for x in (q_BTNH, k_BSKH, v_BSKH))
     out = jax.nn.dot_product_attention(
         q_BTNH, k_BSKH, v_BSKH,
         bias=None if bias_BNTS is None else bias_BNTS.astype(q_BTNH.dtype),
         mask=mask_B1TS,
     )  # fmt: skip
-    return out
+    return out.astype(dtype)
 
 
 @ATTENTION.register("causal")
@@ -75,7 +81,7 @@ class CausalSelfAttention(nn.Module):
             return nn.DenseGeneral(
                 (heads, h), use_bias=cfg.use_bias, dtype=dtype, param_dtype=pdtype, name=name,
                 kernel_init=init(cfg.init_std, ("embed", head_axis, "head_dim")),
-                bias_init=zeros((head_axis, "head_dim")), dot_general=dots.dot_general,
+                bias_init=zeros((head_axis, "head_dim")), dot_general=dots.dot_general_for(cfg.matmul_dtype),
             )(x_BTD)  # fmt: skip
 
         q_BTNH = pos.rotate(proj(n, "heads", "query"), positions_BT)
@@ -94,7 +100,7 @@ class CausalSelfAttention(nn.Module):
         return nn.DenseGeneral(
             cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=dtype, param_dtype=pdtype,
             kernel_init=init(out_proj_std(cfg), ("heads", "head_dim", "embed")),
-            bias_init=zeros(("embed",)), name="out", dot_general=dots.dot_general,
+            bias_init=zeros(("embed",)), name="out", dot_general=dots.dot_general_for(cfg.matmul_dtype),
         )(out_BTNH)  # fmt: skip
 
 

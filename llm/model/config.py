@@ -50,8 +50,12 @@ class ModelConfig:
     use_bias: bool = True
     dropout: float = 0.0  # embedding and residual dropout
     tie_embeddings: bool = True
-    dtype: str = "float32"  # compute dtype
+    dtype: str = "float32"  # compute dtype of activations and elementwise math
     param_dtype: str = "float32"
+    # Autocast-style mixed precision: with dtype=float32, matmul_dtype=bfloat16 casts the inputs of
+    # every matmul to bf16 (f32 accumulation, result back in f32) while norms, GELU, softmax and
+    # the residual stream stay f32 (what torch.autocast does). None = matmuls in `dtype`.
+    matmul_dtype: str | None = None
     init_std: float = 0.02
     scan_layers: bool = False  # nn.scan over layers: one compiled block, faster compile
     remat: str = "none"  # registry REMAT (llm/model/transformer.py)
@@ -79,6 +83,10 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             v = getattr(self, name)
             _check(v in DTYPES, f"unknown model.{name} {v!r}; valid choices: {', '.join(DTYPES)}")
+        _check(
+            self.matmul_dtype is None or self.matmul_dtype in DTYPES,
+            f"unknown model.matmul_dtype {self.matmul_dtype!r}; valid choices: {', '.join(DTYPES)} (or unset)",
+        )
         _check(0.0 <= self.dropout < 1.0 and 0.0 <= a.dropout < 1.0, "dropout must be in [0, 1)")
         if self.positional == "rope":
             _check(self.head_dim % 2 == 0, f"rope needs an even head_dim, got {self.head_dim}")

@@ -28,8 +28,33 @@ def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
-    """lax.dot_general; on CPU, dense-layer contractions (no batch dims) use `_dense` instead."""
+def _autocast(matmul_dtype, *xs):
+    """(xs cast to matmul_dtype, f32) for f32 operands under autocast; (xs, None) otherwise."""
+    if (
+        matmul_dtype is None
+        or any(x.dtype != jnp.float32 for x in xs)
+        or jnp.dtype(matmul_dtype) == jnp.float32
+    ):
+        return xs, None
+    return tuple(x.astype(matmul_dtype) for x in xs), jnp.dtype(jnp.float32)
+
+
+@functools.cache
+def dot_general_for(matmul_dtype: str | None):
+    """The `dot_general=` for flax layers of a model with this ModelConfig.matmul_dtype."""
+    return dot_general if matmul_dtype is None else functools.partial(dot_general, matmul_dtype=matmul_dtype)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, matmul_dtype=None,
+                **kwargs):  # fmt: skip
+    """lax.dot_general; on CPU, dense-layer contractions (no batch dims) use `_dense` instead.
+
+    With `matmul_dtype` (autocast), f32 operands are cast to it and the result comes back in f32.
+    """
+    if preferred_element_type in (None, jnp.float32):
+        (lhs, rhs), back = _autocast(matmul_dtype, lhs, rhs)
+        if back is not None:
+            return dot_general(lhs, rhs, dimension_numbers, precision, **kwargs).astype(back)
     (lc, rc), (lb, rb) = dimension_numbers
     k = len(lc)
     dense = (
@@ -76,9 +101,12 @@ def _dense_bwd(k, precision, res, g):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def attend(x_BTD, table_VD):
+def attend(x_BTD, table_VD, matmul_dtype=None):
     """Logits of the tied output head, x @ table^T (in f32 on CPU the table's gradient is computed
     as (x^T @ g)^T: that transposes the small [B*T, D] input instead of the [B*T, V] gradient)."""
+    (x_BTD, table_VD), back = _autocast(matmul_dtype, x_BTD, table_VD)
+    if back is not None:
+        return attend(x_BTD, table_VD).astype(back)
     if not (_on_cpu() and x_BTD.dtype == table_VD.dtype and x_BTD.dtype in (jnp.float32, jnp.bfloat16)):
         return jnp.dot(x_BTD, table_VD.T)
     return _attend(x_BTD, table_VD)
@@ -112,15 +140,17 @@ def _attend_bwd(res, g):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def einsum(spec: str, a, b, out_dtype=None):
+def einsum(spec: str, a, b, out_dtype=None, matmul_dtype=None):
     """Two-operand einsum (attention's batched matmuls) with an f32 accumulator, cast to out_dtype.
 
     On CPU with bf16 operands a custom VJP keeps the two gradient einsums in the same fast form
     (bf16 inputs, f32 result): autodiff would feed them the f32 cotangent, and XLA:CPU then
     upcasts the bf16 operand and runs the matmul at the f32 rate. Elsewhere it is jnp.einsum.
     Every index of `a` must appear in `b` or the output (and likewise for `b`), as in attention.
+    With `matmul_dtype` (autocast), f32 operands are cast to it; out_dtype still defaults to theirs.
     """
     out_dtype = jnp.dtype(out_dtype or a.dtype)
+    (a, b), _ = _autocast(matmul_dtype, a, b)
     if not (_on_cpu() and a.dtype == b.dtype == jnp.bfloat16):
         pref = jnp.float32 if out_dtype == jnp.float32 else None
         return jnp.einsum(spec, a, b, preferred_element_type=pref).astype(out_dtype)

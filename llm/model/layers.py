@@ -59,7 +59,7 @@ def dense(cfg: ModelConfig, features: int, names, std: float, name: str) -> nn.D
     dtype, pdtype = dtypes(cfg)
     return nn.Dense(
         features, use_bias=cfg.use_bias, dtype=dtype, param_dtype=pdtype, name=name,
-        kernel_init=init(std, names), bias_init=zeros(names[-1:]), dot_general=dots.dot_general,
+        kernel_init=init(std, names), bias_init=zeros(names[-1:]), dot_general=dots.dot_general_for(cfg.matmul_dtype),
     )  # fmt: skip
 
 

@@ -151,10 +151,10 @@ class Transformer(nn.Module):
             x_BTD = make_norm(cfg, "norm_final")(x_BTD)
         if cfg.tie_embeddings:
             # embed.attend's computation, with CPU-friendly gradients (llm/model/dots.py).
-            logits_BTV = dots.attend(x_BTD.astype(dtype), embed.embedding.astype(dtype))
+            logits_BTV = dots.attend(x_BTD.astype(dtype), embed.embedding.astype(dtype), cfg.matmul_dtype)
         else:
             logits_BTV = nn.Dense(
                 cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype, name="lm_head",
-                kernel_init=init(cfg.init_std, ("embed", "vocab")), dot_general=dots.dot_general,
+                kernel_init=init(cfg.init_std, ("embed", "vocab")), dot_general=dots.dot_general_for(cfg.matmul_dtype),
             )(x_BTD)  # fmt: skip
         return constrain(logits_BTV, ("batch", "length", "act_vocab"))
