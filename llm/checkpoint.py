@@ -8,6 +8,7 @@ restores on another mesh or on a single CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -52,7 +53,8 @@ class Checkpointer:
         return sorted(self.mngr.all_steps())
 
     def save(self, step: int, state, data_iter, config_json: str) -> None:
-        args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(json.loads(config_json))}
+        tree = _state_tree(state, keep_empty=())
+        args = {"state": ocp.args.StandardSave(tree), "config": ocp.args.JsonSave(json.loads(config_json))}
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
         self.mngr.save(step, args=ocp.args.Composite(**args), force=True)
@@ -68,15 +70,19 @@ class Checkpointer:
             data_state = _other_process_count_data_state(os.path.join(self.directory, str(step), "data"))
             if data_state is None:
                 args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        check_compatible(os.path.join(self.directory, str(step), "state"), abstract_state, step)
+        saved_keys = check_compatible(os.path.join(self.directory, str(step), "state"), abstract_state, step)
+        # Restore into the fields the checkpoint has: an empty field (the loss-spike monitor when
+        # off) is absent from checkpoints written before it existed and present in some after.
+        args["state"] = ocp.args.StandardRestore(_state_tree(abstract_state, keep_empty=saved_keys))
         try:
             out = self.mngr.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # orbax raises many types for damaged directories
             raise CheckpointCorrupt(f"checkpoint {self.directory}/{step} cannot be restored: {e}") from e
-        _verify(out["state"], abstract_state, step)
+        state = _from_state_tree(abstract_state, out["state"])
+        _verify(state, abstract_state, step)
         if data_state is not None:
             data_iter.set_state(data_state)
-        return out["state"], out["config"]
+        return state, out["config"]
 
     def restore_latest(self, abstract_state, data_iter=None):
         """Newest restorable checkpoint, skipping damaged ones (reported by name); None if none."""
@@ -133,12 +139,31 @@ def _other_process_count_data_state(data_dir: str) -> dict | None:
     return states[0]
 
 
+def _state_tree(state, keep_empty) -> dict | object:
+    """A dataclass train state as a dict of its fields, without empty ones (unless named in
+    keep_empty): the on-disk layout stays the same when a feature adds an unused field."""
+    if not dataclasses.is_dataclass(state):
+        return state
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    return {k: v for k, v in fields.items() if jax.tree.leaves(v) or k in keep_empty or not _is_empty(v)}
+
+
+def _is_empty(v) -> bool:
+    return isinstance(v, dict | list | tuple) and not v
+
+
+def _from_state_tree(abstract_state, tree):
+    if not dataclasses.is_dataclass(abstract_state):
+        return tree
+    return abstract_state.replace(**tree)  # fields left out were empty: the target's value stands
+
+
 def _leaf_name(path) -> str:
     """'opt_state.1.inner_states.matrix.mu.w': the dotted name orbax stores a leaf under."""
     return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def check_compatible(state_dir: str, abstract_state, step: int) -> None:
+def check_compatible(state_dir: str, abstract_state, step: int) -> set[str]:
     """Compare the saved state's tree metadata with the target before reading any array.
 
     Unreadable metadata is damage (CheckpointCorrupt: the caller falls back to an older step);
@@ -146,9 +171,8 @@ def check_compatible(state_dir: str, abstract_state, step: int) -> None:
     """
     try:
         meta = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
-        saved = {
-            _leaf_name(p): m for p, m in jax.tree_util.tree_leaves_with_path(getattr(meta, "tree", meta))
-        }
+        meta_tree = getattr(meta, "tree", meta)
+        saved = {_leaf_name(p): m for p, m in jax.tree_util.tree_leaves_with_path(meta_tree)}
     except Exception as e:  # noqa: BLE001 (missing/garbled _METADATA raises many types)
         raise CheckpointCorrupt(f"checkpoint {state_dir} has no readable metadata: {e!r}") from e
     if not saved:
@@ -169,6 +193,7 @@ def check_compatible(state_dir: str, abstract_state, step: int) -> None:
             f"config builds ({shown}). The optimizer, loss-spike or model flags differ from the run that "
             "saved it: re-run with its flags (config.json in the workdir) or use a new --workdir"
         )
+    return set(meta_tree) if isinstance(meta_tree, dict) else set()
 
 
 def _verify(state, abstract_state, step: int) -> None:

@@ -241,3 +241,36 @@ def test_checkpoint_with_another_train_state_is_refused_not_quarantined(tmp_path
 def test_bad_spike_flags_are_rejected(window, sigmas, msg):
     with pytest.raises(ConfigError, match=msg):
         run_cfg(**{"train.spike_window": window, "train.spike_sigmas": sigmas})
+
+
+def test_checkpoints_with_or_without_an_empty_state_field_restore(tmp_path):
+    """Checkpoints written before the train state had `monitor` (no such key on disk) and ones
+    written with it empty both restore; an empty field is not saved at all."""
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    wd = str(tmp_path / "w")
+    loop.train(run_cfg(**{"train.steps": 4}), wd)
+    ck = os.path.join(wd, "checkpoints")
+    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(os.path.join(ck, "4", "state")))
+    assert "monitor" not in meta.tree and "opt_state" in meta.tree  # the pre-monitor layout
+    run = llm.load(wd)
+    # The layout of a checkpoint saved with the empty field present, as step 5:
+    c = Checkpointer(ck, async_save=False)
+    state, _ = c.restore(4, _abstract_state(wd))
+    tree = {f: getattr(state, f) for f in ("step", "params", "opt_state", "rng", "skipped")} | {"monitor": {}}
+    c.mngr.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), config=ocp.args.JsonSave(
+        json.loads(open(os.path.join(wd, "config.json")).read()))), force=True)  # fmt: skip
+    c.close()
+    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(os.path.join(ck, "5", "state")))
+    assert meta.tree["monitor"] == {}
+    again = llm.load(wd, step=5)
+    for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(again.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def _abstract_state(wd):
+    """The abstract train state (with shardings) of the run in `wd`."""
+    exp = loop.build(run_cfg(**{"train.steps": 4}), wd)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        exp.abstract_state, exp.state_shardings)  # fmt: skip
