@@ -20,6 +20,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
+def write_results(stem: str, data, md: str | None = None) -> None:
+    """<RESULTS>/<stem>.json (and .md when given, also printed); an absolute stem goes there."""
+    os.makedirs(os.path.dirname(os.path.join(RESULTS, stem)), exist_ok=True)
+    with open(os.path.join(RESULTS, stem + ".json"), "w") as f:
+        json.dump(data, f, indent=1)
+    if md is not None:
+        with open(os.path.join(RESULTS, stem + ".md"), "w") as f:
+            f.write(md)
+        print("\n" + md)
+
+
 @dataclasses.dataclass(frozen=True)
 class Shape:
     """A GPT-2 style model and batch: learned positions, pre-LayerNorm, GELU MLP, tied embeddings."""

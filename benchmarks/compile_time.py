@@ -91,12 +91,7 @@ def main():
         + f"\nCache entries written by the cold run: {runs['cold']['cache_files']} "
         f"(jax_compilation_cache_dir set by llm.runtime.setup()).\n"
     )
-    os.makedirs(common.RESULTS, exist_ok=True)
-    with open(os.path.join(common.RESULTS, "compile_time.json"), "w") as f:
-        json.dump(runs, f, indent=1)
-    with open(os.path.join(common.RESULTS, "compile_time.md"), "w") as f:
-        f.write(md)
-    print("\n" + md)
+    common.write_results("compile_time", runs, md)
 
 
 if __name__ == "__main__":

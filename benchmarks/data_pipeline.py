@@ -16,7 +16,6 @@ Writes benchmarks/results/data_pipeline.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -123,12 +122,7 @@ def main():
         f"real / synthetic = {result['real_vs_synthetic']:.3f} (configs/shakespeare.py, {args.steps} steps x "
         f"{args.runs} runs each; max foreign CPU load during runs {result['max_foreign_during']:.2f} cores)\n"
     )
-    os.makedirs(common.RESULTS, exist_ok=True)
-    with open(os.path.join(common.RESULTS, "data_pipeline.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(common.RESULTS, "data_pipeline.md"), "w") as f:
-        f.write(md)
-    print("\n" + md)
+    common.write_results("data_pipeline", result, md)
 
 
 if __name__ == "__main__":

@@ -389,14 +389,7 @@ def main():
     result["max_foreign_during"] = max(b["load_during"]["foreign_cores"] for b in all_blocks)
     result["blocks_not_idle"] = sum(not b["load_before"]["idle"] for b in all_blocks)
     stem = args.out or f"train_throughput_{args.precision}" + ("_quick" if args.quick else "")
-    os.makedirs(common.RESULTS, exist_ok=True)
-    with open(os.path.join(common.RESULTS, stem + ".json"), "w") as f:
-        json.dump(result, f, indent=1)
-    if not args.no_matmul:
-        md = markdown(result)
-        with open(os.path.join(common.RESULTS, stem + ".md"), "w") as f:
-            f.write(md)
-        print("\n" + md)
+    common.write_results(stem, result, None if args.no_matmul else markdown(result))
     if result["blocks_not_idle"]:
         print(f"WARNING: {result['blocks_not_idle']} timed blocks started while other processes used the "
               f"CPU (> {args.max_load} cores): these numbers are not clean.", flush=True)  # fmt: skip

@@ -206,9 +206,7 @@ def check(cfg, topo: Topology, force_cpu: bool = False, log=print) -> dict:
     model = Transformer(cfg.model)
     tx, schedule = optim_lib.make_optimizer(cfg.optim, cfg.train.steps)
     abstract, shardings = state_lib.state_shardings(model, tx, t, mesh, rules, cfg.train.spike_window)
-    state_in = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
+    state_in = state_lib.sharded_target(abstract, shardings)
     batch_sh = sharding.batch_sharding(mesh, rules)
     batch_in = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, t), jax.numpy.int32, sharding=batch_sh)
                 for k in pipeline.FIELDS}  # fmt: skip

@@ -52,9 +52,7 @@ def load(workdir: str, step: int | None = None, mesh=None) -> Loaded:
     tx, _ = optim_lib.make_optimizer(cfg.optim, cfg.train.steps)
     abstract, shardings = state_lib.state_shardings(model, tx, cfg.data.seq_len, mesh, cfg.mesh.rules,
                                                     cfg.train.spike_window)  # fmt: skip
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
+    target = state_lib.sharded_target(abstract, shardings)
     state, _ = ckpt.restore(step, target)
     ckpt.close()
     return Loaded(config=cfg, params=state.params, tokenizer=load_tokenizer(workdir), model=model, step=step)

@@ -272,5 +272,4 @@ def test_checkpoints_with_or_without_an_empty_state_field_restore(tmp_path):
 def _abstract_state(wd):
     """The abstract train state (with shardings) of the run in `wd`."""
     exp = loop.build(run_cfg(**{"train.steps": 4}), wd)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        exp.abstract_state, exp.state_shardings)  # fmt: skip
+    return state_lib.sharded_target(exp.abstract_state, exp.state_shardings)

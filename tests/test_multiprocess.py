@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import psutil
 import pytest
@@ -20,6 +19,7 @@ from launch import local_multiprocess
 from llm.checkpoint import Checkpointer
 from llm.data import pipeline
 from llm.train import loop
+from llm.train import state as state_lib
 from llm.train.metrics import read_metrics
 from tests.test_train import tiny_cfg
 
@@ -82,8 +82,7 @@ def test_two_processes_match_one_and_resume(reference, tmp_path, repo_root):
     # The 2-process checkpoint also restores in this single process (another process count):
     # its data iterator continues with the batch the uninterrupted run saw next.
     exp = loop.build(tiny_cfg(**FLAGS), str(wd))
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          exp.abstract_state, exp.state_shardings)  # fmt: skip
+    target = state_lib.sharded_target(exp.abstract_state, exp.state_shardings)
     ds = pipeline.train_dataset(
         exp.train_windows,
         exp.cfg.train.batch_size,

@@ -157,11 +157,7 @@ def test_checkpoint_reshards_across_meshes(tmp_path):
 
     for mesh in [(1, 2, 4), (1, 1, 1)]:
         exp_b, train_b = experiment(arch, mesh)
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            exp_b.abstract_state,
-            exp_b.state_shardings,
-        )
+        target = state_lib.sharded_target(exp_b.abstract_state, exp_b.state_shardings)
         data_b = data_iterator(exp_b)
         restored, cfg = ckpt.restore(half, target, data_b)
         assert cfg["mesh"]["fsdp"] == 4  # the config saved with the checkpoint is the writer's

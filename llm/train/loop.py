@@ -171,6 +171,14 @@ def evaluate(exp: Experiment, eval_fn, params) -> dict[str, float]:
             "eval_tokens": s["tokens"]}  # fmt: skip
 
 
+def _say(bar, is_main: bool, msg: str) -> None:
+    """A console line from process 0 that does not break the progress bar."""
+    if bar is not None:
+        bar.write(msg)
+    elif is_main:
+        print(msg, flush=True)
+
+
 class _Signals:
     """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
 
@@ -259,11 +267,7 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
                                      jax.process_index(), jax.process_count(),
                                      shift_windows=cfg.data.shift_windows)  # fmt: skip
     data_it = pipeline.train_iterator(data_ds, cfg.data.worker_threads)
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        exp.abstract_state,
-        exp.state_shardings,
-    )
+    abstract = state_lib.sharded_target(exp.abstract_state, exp.state_shardings)
     if ckpt.steps():
         check_same_model(ckpt.read_config(), cfg, ckpt.directory)
     restored = ckpt.restore_latest(abstract, data_it)
@@ -324,19 +328,13 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
                     row.update(evaluate(exp, eval_fn, state.params))
                     t_window = time.perf_counter()  # keep eval time out of tokens/s
-                    msg = (
-                        f"step {step}: eval loss {row['eval_loss']:.4f} | bits per byte {row['eval_bpb']:.4f}"
-                    )
-                    if bar is not None:
-                        bar.write(msg)
-                    elif is_main:
-                        print(msg, flush=True)
+                    _say(bar, is_main, f"step {step}: eval loss {row['eval_loss']:.4f} | bits per byte "
+                         f"{row['eval_bpb']:.4f}")  # fmt: skip
                 writer.write(step, row)
-                if row.get("loss_spike") and is_main:
-                    msg = (f"step {step}: skipped {row['loss_spike']:.0f} loss-spike update(s) in the last "
-                           f"{cfg.train.log_every} steps (threshold {row['spike_threshold']:.3f}; "
-                           f"{row['spikes_total']} so far)")  # fmt: skip
-                    bar.write(msg) if bar is not None else print(msg, flush=True)
+                if row.get("loss_spike"):
+                    _say(bar, is_main, f"step {step}: skipped {row['loss_spike']:.0f} loss-spike update(s) in the "
+                         f"last {cfg.train.log_every} steps (threshold {row['spike_threshold']:.3f}; "
+                         f"{row['spikes_total']} so far)")  # fmt: skip
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}")
                 if row["nonfinite"] and cfg.train.nan_policy == "stop":

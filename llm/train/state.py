@@ -87,6 +87,13 @@ def state_shardings(model, tx, seq_len: int, mesh, rules, spike_window: int = 0)
     return abstract, shardings
 
 
+def sharded_target(abstract_state, shardings):
+    """ShapeDtypeStructs carrying the target shardings: what a checkpoint restores into (on any mesh)."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )
+
+
 def _dict_path(path) -> tuple[str, ...]:
     return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
