@@ -145,11 +145,8 @@ def _state_tree(state, keep_empty) -> dict | object:
     if not dataclasses.is_dataclass(state):
         return state
     fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-    return {k: v for k, v in fields.items() if jax.tree.leaves(v) or k in keep_empty or not _is_empty(v)}
-
-
-def _is_empty(v) -> bool:
-    return isinstance(v, dict | list | tuple) and not v
+    empty = lambda v: isinstance(v, dict | list | tuple) and not v  # noqa: E731
+    return {k: v for k, v in fields.items() if k in keep_empty or not empty(v)}
 
 
 def _from_state_tree(abstract_state, tree):
