@@ -42,6 +42,8 @@ def jax_worker(config: str, precision: str, settings: str, cache: bool) -> None:
     opts = parse_settings(settings)
     if "devices" in opts:
         os.environ["LLM_CPU_DEVICES"] = opts.pop("devices")
+    if "keepmem" in opts:  # A/B of llm/hostmem.py: keepmem=0 runs with glibc's default malloc settings
+        os.environ["LLM_KEEP_FREED_MEMORY"] = opts.pop("keepmem")
     if "xla" in opts:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + opts.pop("xla")).strip()
     from llm import runtime  # noqa: PLC0415
@@ -167,7 +169,13 @@ def parse_settings(settings: str) -> dict[str, str]:
 # ---- PyTorch worker -----------------------------------------------------------------------------------
 
 
-def torch_worker(config: str, precision: str) -> None:
+def torch_worker(config: str, precision: str, settings: str = "") -> None:
+    if parse_settings(settings).get("keepmem") == "1":
+        # The project's host-memory setting (llm/hostmem.py) applied to PyTorch too, before torch
+        # starts its threads: shows how much of the gap is the allocator rather than the kernels.
+        from llm import hostmem  # noqa: PLC0415
+
+        assert hostmem.keep_freed_memory(), "glibc mallopt failed"
     import numpy as np  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
@@ -225,9 +233,10 @@ def run_config(name: str, args, meter_pids: list[int]) -> dict:
         extra = ["--cache"] if args.cache else []
         workers[label] = common.Worker(SCRIPT, ["--worker=jax", f"--config={name}", f"--precision={args.precision}",
                                                 f"--settings={settings}", *extra], WORKER_ENV)  # fmt: skip
-    workers["pytorch"] = common.Worker(
-        SCRIPT, ["--worker=torch", f"--config={name}", f"--precision={args.precision}"], WORKER_ENV
-    )
+    torch_variants = [("pytorch", "")] + ([("pytorch_keepmem", "keepmem=1")] if args.torch_keepmem else [])
+    for label, settings in torch_variants:
+        workers[label] = common.Worker(SCRIPT, ["--worker=torch", f"--config={name}", f"--precision={args.precision}",
+                                                f"--settings={settings}"], WORKER_ENV)  # fmt: skip
     meter_pids.extend(w.pid for w in workers.values())
     meter = common.LoadMeter(meter_pids)
     info, blocks = {}, {k: [] for k in workers}
@@ -235,7 +244,7 @@ def run_config(name: str, args, meter_pids: list[int]) -> dict:
         for label, w in workers.items():  # one at a time: compile times are not contended
             meter.wait_idle(args.max_load, args.max_wait)
             info[label] = w.call(cmd="setup")
-            info[label]["settings"] = dict(variants).get(label, "")
+            info[label]["settings"] = dict(variants + torch_variants).get(label, "")
             print(f"  {name}/{label}: setup {info[label]}", flush=True)
         for w in workers.values():
             for _ in range(args.warmup):
@@ -344,8 +353,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per worker after compiling")
     ap.add_argument("--quick", action="store_true", help="tiny config, 1 repeat: checks that it works")
     ap.add_argument("--variant", action="append", default=[],
-                    help="extra JAX variant 'NAME:k=v;k=v' with k = devices | xla (extra XLA_FLAGS) | dots=off | attn_dots=off "
+                    help="extra JAX variant 'NAME:k=v;k=v' with k = devices | xla (extra XLA_FLAGS) | keepmem=0 | dots=off | attn_dots=off "
                          "| a config path such as model.attention.impl or model.remat")  # fmt: skip
+    ap.add_argument("--torch-keepmem", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time PyTorch with the project's host-memory setting (llm/hostmem.py)")  # fmt: skip
     ap.add_argument("--max-load", type=float, default=0.15, help="foreign CPU cores tolerated before a block")
     ap.add_argument("--max-wait", type=float, default=900.0, help="seconds to wait for an idle CPU")
     ap.add_argument("--cache", action="store_true", help="allow the persistent compilation cache")
@@ -359,7 +370,7 @@ def main():
     if args.worker == "jax":
         return jax_worker(args.config, args.precision, args.settings, args.cache)
     if args.worker == "torch":
-        return torch_worker(args.config, args.precision)
+        return torch_worker(args.config, args.precision, args.settings)
 
     if args.quick:
         args.configs, args.repeats, args.warmup, args.max_wait = "tiny", 1, 1, 0.0

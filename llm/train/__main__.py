@@ -6,20 +6,16 @@ Re-running the same command resumes from the newest checkpoint in <workdir>.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
-# XLA:CPU runs one device's ops with too few threads to fill the cores; splitting the host into
-# data-parallel CPU devices uses them better (+14% tokens/s on 2 cores, see README "Speed").
-# Only the CPU platform is affected; GPUs/TPUs are untouched. Must be set before jax is imported.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    _n = os.environ.get("LLM_CPU_DEVICES", "2")
-    os.environ["XLA_FLAGS"] = (
-        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_n}".strip()
-    )
+from llm import runtime
 
-from absl import app, flags
-from ml_collections import config_flags
+# CPU hosts: data-parallel CPU devices and host-memory reuse (see runtime.configure_cpu). Must run
+# before JAX creates its backends; GPUs/TPUs are untouched.
+runtime.configure_cpu()
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/shakespeare.py", "Config file.", lock_config=True
@@ -37,8 +33,6 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
     del argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from llm import runtime  # noqa: PLC0415
-
     runtime.setup()
     from llm.config import ConfigError, from_config_dict  # noqa: PLC0415
     from llm.train.loop import train  # noqa: PLC0415
