@@ -27,9 +27,16 @@ setup(
     install_requires=INSTALL,
     extras_require={
         "dev": [
-            "pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "matplotlib>=3.8", "psutil>=5.9",
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "ruff>=0.6",
+            "matplotlib>=3.8",
+            "psutil>=5.9",
             # notebooks: paired .ipynb/.py, executed top to bottom by tests/test_notebooks.py
-            "jupytext==1.19.6", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
+            "jupytext==1.19.6",
+            "nbclient==0.11.0",
+            "nbformat==5.11.1",
+            "ipykernel==7.4.0",
         ],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
         # Compile-only TPU topologies on any machine (launch/aot_check.py): jax[tpu] brings the

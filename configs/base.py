@@ -42,7 +42,7 @@ def get_config() -> config_dict.ConfigDict:
     m.attention.n_kv_heads = p(int)  # unset = n_heads (MHA); 1 = MQA
     m.attention.head_dim = p(int)
     m.attention.dropout = 0.0
-    m.attention.impl = "einsum"  # einsum | jax
+    m.attention.impl = "fused"  # fused | einsum (autodiff reference) | jax (jax.nn.dot_product_attention)
 
     c.data = config_dict.ConfigDict()
     d = c.data

@@ -41,7 +41,7 @@ def test_unknown_key_has_did_you_mean():
         ("model.mlp", "swishglu", r"Did you mean 'swiglu'"),
         ("model.remat", "everything", r"valid choices: attention_out, dots, dots_no_batch, full, none"),
         ("model.norm_position", "middle", r"model.norm_position.*pre, post"),
-        ("model.attention.impl", "flash", r"einsum, jax"),
+        ("model.attention.impl", "flash", r"einsum, fused, jax"),
         ("data.tokenizer.kind", "bpe", r"sentencepiece, byte"),
         ("train.nan_policy", "ignore", r"stop, skip"),
     ],

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llm.model import dots
+from llm.model import attention_core, dots
 from llm.model.config import ModelConfig
 from llm.model.layers import dtypes, init, out_proj_std, zeros
 from llm.model.positional import Positional
@@ -19,7 +19,7 @@ NEG_INF = -1e30  # finite: a fully masked row gives a uniform row, not NaN
 
 @ATTENTION_IMPL.register("einsum")
 def einsum_attention(module, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, deterministic):
-    """Reference implementation: fp32 scores and softmax, GQA by grouping query heads."""
+    """Reference implementation (autodiff backward): fp32 scores and softmax, GQA by grouping query heads."""
     b, t, n, h = q_BTNH.shape
     kv = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
@@ -56,6 +56,17 @@ def jax_attention(module, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, determin
         mask=mask_B1TS,
     )  # fmt: skip
     return out.astype(dtype)
+
+
+@ATTENTION_IMPL.register("fused")
+def fused_attention(module, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, deterministic):
+    """The einsum math as one op with a hand-written backward in XLA:CPU's fast matmul forms
+    (llm/model/attention_core.py). Falls back to `einsum` where it has no equivalent: ALiBi's
+    additive bias, attention dropout in training, and introspection (sown logits/probs)."""
+    dropout = module.attn_cfg.dropout > 0 and not deterministic
+    if bias_BNTS is not None or dropout or module.is_mutable_collection("intermediates"):
+        return einsum_attention(module, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, deterministic)
+    return attention_core.causal_core(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, module.cfg.matmul_dtype)
 
 
 @ATTENTION.register("causal")

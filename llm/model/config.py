@@ -25,7 +25,7 @@ class AttentionConfig:
     n_kv_heads: int | None = None  # None = n_heads (MHA); 1 = MQA; else GQA
     head_dim: int | None = None  # None = d_model // n_heads
     dropout: float = 0.0  # on attention probabilities
-    impl: str = "einsum"  # registry ATTENTION_IMPL: einsum | jax (jax.nn.dot_product_attention)
+    impl: str = "fused"  # registry ATTENTION_IMPL: fused (default) | einsum (autodiff reference) | jax
 
     @property
     def kv_heads(self) -> int:
