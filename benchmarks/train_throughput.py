@@ -5,7 +5,8 @@ Run (idle machine):
   .venv/bin/python benchmarks/train_throughput.py --precision=bf16
   .venv/bin/python benchmarks/train_throughput.py --quick              # seconds: checks it works
 Options: --configs=gpt12m,shakespeare,gpt100m --repeats=5 --variant 'NAME:SETTINGS' (extra JAX
-variants to compare, e.g. 'dev1:devices=1' or 'jaxattn:model.attention.impl=jax'; see --help).
+variants to compare, e.g. 'dev1:devices=1', 'nokeep:keepmem=0' or 'einsum:model.attention.impl=einsum';
+see --help). --no-torch-keepmem skips timing PyTorch with the project's malloc setting (llm/hostmem.py).
 
 Each framework runs in its own worker process: the JAX one builds the step exactly as `llm.train`
 does (configs/shakespeare.py with the model shape overridden -> llm.train.loop.build ->
