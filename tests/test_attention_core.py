@@ -84,7 +84,9 @@ def test_model_with_fused_impl_matches_einsum_and_falls_back_where_needed():
         fused = Transformer(small(**{**kw, "attention": dict(kw.get("attention", {}), impl="fused")}))
 
         def loss_and_grad(m):
-            return jax.jit(jax.value_and_grad(lambda p: (m.apply({"params": p}, tokens, None, seg) ** 2).mean()))
+            return jax.jit(
+                jax.value_and_grad(lambda p: (m.apply({"params": p}, tokens, None, seg) ** 2).mean())
+            )
 
         (l_fused, g_fused), (l_ref, g_ref) = loss_and_grad(fused)(params), loss_and_grad(model)(params)
         np.testing.assert_allclose(float(l_fused), float(l_ref), rtol=1e-5)
