@@ -17,8 +17,8 @@ def configure_cpu(environ=os.environ) -> bool:
        one device's ops with too few threads to fill the cores. Flags the user already set in
        XLA_FLAGS win. Only the CPU platform is affected; GPUs/TPUs are untouched.
     2. On hosts without accelerators, keeps freed host memory mapped (llm/hostmem.py) so the
-       step's buffers are not page-faulted in again every step: +30% tokens/s on the 12M config
-       in bf16 (`LLM_KEEP_FREED_MEMORY=0` turns it off, `=1` forces it).
+       step's buffers are not page-faulted in again every step: +27-107% tokens/s in the
+       train benchmarks, at the cost of a slower first compile (`LLM_KEEP_FREED_MEMORY=0` turns it off, `=1` forces it).
     Numbers in benchmarks/README.md. Returns whether (2) was applied.
     """
     flags = environ.get("XLA_FLAGS", "")

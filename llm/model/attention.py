@@ -8,13 +8,12 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llm.model import attention_core, dots
+from llm.model.attention_core import NEG_INF
 from llm.model.config import ModelConfig
 from llm.model.layers import dtypes, init, out_proj_std, zeros
 from llm.model.positional import Positional
 from llm.model.registries import ATTENTION, ATTENTION_IMPL
 from llm.sharding import constrain
-
-NEG_INF = -1e30  # finite: a fully masked row gives a uniform row, not NaN
 
 
 @ATTENTION_IMPL.register("einsum")

@@ -22,7 +22,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30  # finite: a fully masked row gives a uniform row, not NaN
+NEG_INF = (
+    -1e30
+)  # masked scores, here and in the einsum path: finite, so an all-masked row is uniform, not NaN
 
 
 def causal_core(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, matmul_dtype=None):
@@ -80,9 +82,10 @@ def _core_bwd(scale, res, do_BKQH):
     q_BKQH, kt_BKHS, v_BKSH, mask_B1TS, p_BKQS, o_BKQH = res
     mm = q_BKQH.dtype
     do_BKQH = do_BKQH.astype(jnp.float32)
+    dob_BKQH = do_BKQH.astype(mm)  # matmul input; the f32 copy feeds the rowsum
     # Barriers on matmul results: XLA:CPU would otherwise fuse this matmul into the elementwise dS
     # pass, or fold the transpose of dv^T into its matmul, and run either as an f32 loop.
-    dp_BKQS = _barrier(_mm("bkqh,bkhs->bkqs", do_BKQH.astype(mm), _t(v_BKSH)))
+    dp_BKQS = _barrier(_mm("bkqh,bkhs->bkqs", dob_BKQH, _t(v_BKSH)))
     delta_BKQ1 = jnp.sum(do_BKQH * o_BKQH, axis=-1, keepdims=True)
     ds_BKQS = p_BKQS * (dp_BKQS - delta_BKQ1) * scale
     # Masked scores get no gradient (p is 0 there, except in rows with nothing visible: uniform).
@@ -93,7 +96,7 @@ def _core_bwd(scale, res, do_BKQH):
     dq_BKQH = _mm("bkqs,bksh->bkqh", ds_BKQS, _t(kt_BKHS))
     # Key and value gradients as [H, S] results: transposes q and dO ([Q, H]), not ds and p ([Q, S]).
     dkt_BKHS = _mm("bkhq,bkqs->bkhs", _t(q_BKQH), ds_BKQS)
-    dvt_BKHS = _mm("bkhq,bkqs->bkhs", _t(do_BKQH.astype(mm)), p_BKQS.astype(mm))
+    dvt_BKHS = _mm("bkhq,bkqs->bkhs", _t(dob_BKQH), p_BKQS.astype(mm))
     dv_BKSH = jnp.swapaxes(_barrier(dvt_BKHS), -1, -2)
     return dq_BKQH.astype(mm), dkt_BKHS.astype(mm), dv_BKSH.astype(mm), None
 
