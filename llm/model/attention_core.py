@@ -22,9 +22,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-NEG_INF = (
-    -1e30
-)  # masked scores, here and in the einsum path: finite, so an all-masked row is uniform, not NaN
+# Masked scores, here and in the einsum path: finite, so an all-masked row is uniform, not NaN.
+NEG_INF = -1e30
 
 
 def causal_core(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, matmul_dtype=None):
