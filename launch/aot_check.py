@@ -285,10 +285,10 @@ def check(cfg, topo: Topology, force_cpu: bool = False, log=print) -> dict:
 
 def main(argv: list[str]) -> int:
     from absl import flags  # noqa: PLC0415
-    from ml_collections import config_flags  # noqa: PLC0415
 
-    config = config_flags.DEFINE_config_file("config", None, "Config file (e.g. configs/pretrain.py:gpt2-1.5b).",
-                                             lock_config=True)  # fmt: skip
+    from llm import cli  # noqa: PLC0415
+
+    config = cli.define_config("config", None, "Config file (e.g. configs/pretrain.py:gpt2-1.5b).")
     topology = flags.DEFINE_string(
         "topology", None, "TPU topology, e.g. v5p:4x4x4, v5e:16x16, v6e:8x8, v4:4x4x4."
     )
@@ -296,13 +296,13 @@ def main(argv: list[str]) -> int:
     cpu = flags.DEFINE_bool("cpu", False, "Use fake CPU devices even if libtpu is installed.")
     json_out = flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
     flags.mark_flags_as_required(["config", "topology"])
-    flags.FLAGS(argv)
+    cli.parse_flags(argv)
 
     from llm.config import ConfigError, from_config_dict  # noqa: PLC0415
 
     try:
         topo = parse_topology(topology.value, num_slices.value)
-        report = check(from_config_dict(config.value), topo, force_cpu=cpu.value)
+        report = check(from_config_dict(cli.config_value(config)), topo, force_cpu=cpu.value)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

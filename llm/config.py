@@ -11,6 +11,7 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +139,54 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+def default_config_dict():
+    """The ml_collections form of `RunConfig()`: every field a flag, every default written once.
+
+    `configs/base.py` returns this; optional fields become `placeholder(type)` so that
+    `--config.model.d_ff=1024` works on a field whose default is None (unset).
+    """
+    return to_config_dict(RunConfig())
+
+
+def to_config_dict(obj):
+    """A (nested) config dataclass instance -> ConfigDict with the same fields and values."""
+    from ml_collections import config_dict  # noqa: PLC0415
+
+    hints = typing.get_type_hints(type(obj))
+    out = config_dict.ConfigDict()
+    for f in dataclasses.fields(obj):
+        value, typ = getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(value):
+            out[f.name] = to_config_dict(value)
+        elif isinstance(value, Mapping):
+            out[f.name] = config_dict.ConfigDict(dict(value))
+        elif value is None:
+            out[f.name] = config_dict.placeholder(_flag_type(typ))
+        else:
+            out[f.name] = value
+    return out
+
+
+def _flag_type(typ) -> type:
+    """`int | None` -> int; `tuple[str, ...] | None` -> tuple: the type a placeholder accepts."""
+    base = [t for t in typing.get_args(typ) if t is not type(None)] or [typ]
+    return typing.get_origin(base[0]) or base[0]
+
+
+def field_paths(cls=None, prefix: str = "") -> list[str]:
+    """Every leaf field of the config dataclasses as a dotted flag path ('model.attention.kind')."""
+    cls = cls or RunConfig
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            out += field_paths(typ, f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
 def from_dict(cls, d: dict[str, Any], path: str = ""):
     """Build dataclass `cls` from a nested dict, rejecting unknown keys with 'did you mean'."""
     hints = typing.get_type_hints(cls)
@@ -167,6 +216,12 @@ def _coerce(value, typ, where: str):
     if value is None:
         return None
     want = base[0]
+    if typing.get_origin(want) is tuple:  # JSON and flags give lists; frozen configs keep tuples
+        if isinstance(value, str):
+            value = (value,)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key {where!r} must be a tuple, e.g. \"('a','b')\", got {value!r}")
+        return tuple(value)
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if want in (int, float, str, bool) and not isinstance(value, want):
@@ -189,5 +244,5 @@ def from_json(text: str) -> RunConfig:
 __all__ = [
     "AttentionConfig", "CheckpointConfig", "ConfigError", "DataConfig", "MeshConfig",
     "ModelConfig", "OptimConfig", "RunConfig", "TokenizerConfig", "TrainConfig",
-    "from_config_dict", "from_json",
+    "default_config_dict", "field_paths", "from_config_dict", "from_json",
 ]  # fmt: skip

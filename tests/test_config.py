@@ -1,5 +1,8 @@
 """Bad configuration is rejected before compiling, with messages that name the field and the fix."""
 
+import json
+import os
+import re
 import subprocess
 import sys
 
@@ -90,3 +93,128 @@ def test_cli_rejects_typos_before_compiling(repo_root, tmp_path):
     r = subprocess.run(cmd + ["--config.model.positional=rop"], cwd=repo_root, capture_output=True, text=True)
     assert r.returncode == 2 and "valid choices: alibi, learned, none, rope, sinusoidal" in r.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+# ---- one config truth: fields <-> flags ---------------------------------------------------------
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "rules":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def test_every_dataclass_field_is_a_flag_and_every_flag_a_field():
+    from llm.config import RunConfig, field_paths
+
+    flags = _flat(base.get_config().to_dict())
+    fields = field_paths()
+    assert sorted(flags) == sorted(fields), set(flags) ^ set(fields)
+    # ... with the dataclass defaults (base.py holds no default of its own)
+    assert from_config_dict(base.get_config()) == RunConfig()
+    rules = base.get_config().mesh.rules.to_dict()
+    assert rules == dict(RunConfig().mesh.rules) and rules  # every logical axis is a flag too
+
+
+def _cli(repo_root, *args, module="llm.train"):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=repo_root, capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["--config.train.stpes=8"], "train has no field 'stpes'. Did you mean 'steps'?"),
+        (["--config.trian.steps=8"], "the config has no field 'trian'. Did you mean 'train'?"),
+        (["--config.model.d_model=1.5"], "flag --config.model.d_model=1.5: invalid literal for int()"),
+        (
+            ["--config.model.positional=rop"],
+            "valid choices: alibi, learned, none, rope, sinusoidal. Did you mean 'rope'?",
+        ),
+        (["--config.model.d_model=66"], "model.d_model=66 is not divisible by model.attention.n_heads=4"),
+        (["--config=configs/nope.py"], "cannot load the config file: [Errno 2] No such file or directory"),
+        (["--config=configs/pretrain.py:gpt3"], "unknown preset 'gpt3'; valid: gpt2-124m"),
+    ],
+)
+def test_config_errors_are_one_line_and_exit_2(repo_root, tmp_path, args, expect):
+    """Through the real command line: one line on stderr, no traceback, exit status 2, nothing written."""
+    r = _cli(repo_root, "--config=configs/tiny.py", f"--workdir={tmp_path}/w", *args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.stderr[-2000:]
+    assert not (tmp_path / "w").exists()
+
+
+def test_aot_check_config_errors_are_one_line(repo_root):
+    r = _cli(repo_root, "--config=configs/pretrain.py:gpt2-124m", "--topology=v5p:2x2x1",
+             "--config.train.stpes=3", module="launch.aot_check")  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: unknown config flag --config.train.stpes: train has no field 'stpes'. Did you mean 'steps'?"
+    ]
+
+
+# A non-default value for every flag the README's flag table names (the test fails when the table
+# gains a flag this map lacks): each is parsed by the real CLI and must reach the resolved config.
+README_FLAG_VALUES = {
+    "model.positional": "rope", "model.rope_theta": 500000.0, "model.norm": "rmsnorm", "model.norm_eps": 1e-6,
+    "model.norm_position": "post", "model.mlp": "swiglu", "model.d_ff": 96, "model.attention.n_heads": 8,
+    "model.attention.n_kv_heads": 2, "model.attention.impl": "einsum", "model.use_bias": False,
+    "model.tie_embeddings": False, "model.dropout": 0.1, "model.attention.dropout": 0.05,
+    "model.dtype": "bfloat16", "model.param_dtype": "bfloat16", "model.matmul_dtype": "bfloat16",
+    "model.d_model": 128, "model.n_layers": 3, "model.max_seq_len": 96, "model.scan_layers": True,
+    "model.remat": "full", "train.steps": 7, "train.batch_size": 16, "train.grad_accum": 2,
+    "train.eval_every": 3, "train.log_every": 2, "train.nan_policy": "skip", "train.spike_window": 8,
+    "train.spike_sigmas": 4.0, "data.corpus": "builtin:tinyshakespeare.txt",
+    "data.eval_corpus": "builtin:the-verdict.txt", "data.eval_fraction": 0.2, "data.seq_len": 48,
+    "data.tokenizer.kind": "byte", "data.tokenizer.vocab_size": 512, "data.tokenizer.model_type": "unigram",
+    "data.tokenizer.byte_fallback": False, "data.tokenizer.path": "/tmp/sp.model", "optim.lr": 3e-4,
+    "optim.warmup_steps": 3, "optim.min_lr_ratio": 0.05, "optim.weight_decay": 0.05,
+    "optim.decay_embeddings": True, "optim.decay_norms_and_biases": True, "optim.clip_norm": 0.5,
+    "checkpoint.every": 5, "checkpoint.keep": 2, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+    "mesh.dcn_data": 2, "mesh.rules.embed": "fsdp,tensor",
+}  # fmt: skip
+
+
+def readme_flags(repo_root) -> set[str]:
+    """Dotted config paths named in the README's flag table (`mesh.dcn_*`, `<logical>` made concrete)."""
+    text = open(os.path.join(repo_root, "README.md"), encoding="utf-8").read()
+    table = text.split("## Configuration and flags", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in table.splitlines() if ln.startswith("| `")]
+    names = set()
+    for row in rows:
+        for name in re.findall(r"`([a-z_]+\.[a-z_.*<>]+)`", row):
+            name = name.replace("dcn_*", "dcn_data").replace("<logical>", "embed")
+            if name.split(".")[0] in ("model", "data", "train", "optim", "checkpoint", "mesh"):
+                names.add(name)
+    return names
+
+
+def test_every_readme_flag_parses_through_the_real_cli(repo_root, tmp_path):
+    names = readme_flags(repo_root)
+    assert len(names) > 40 and "train.spike_window" in names
+    assert names <= set(README_FLAG_VALUES), f"add values for {sorted(names - set(README_FLAG_VALUES))}"
+    args = [f"--config.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in README_FLAG_VALUES.items()
+            if k in names]  # fmt: skip
+    r = _cli(repo_root, "--config=configs/tiny.py", f"--workdir={tmp_path}/w", "--print_config", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resolved = json.loads(r.stdout)
+    for name in names:
+        node = resolved
+        for part in name.split("."):
+            node = node[part]
+        assert node == README_FLAG_VALUES[name], (name, node)
+    assert not (tmp_path / "w").exists()
+
+
+def test_spike_window_works_from_the_command_line(repo_root, tmp_path):
+    """Was documented but unreachable (AttributeError): now a run with it trains and logs spikes."""
+    r = _cli(repo_root, "--config=configs/tiny.py", f"--workdir={tmp_path}/w", "--config.train.steps=4",
+             "--config.train.spike_window=2", "--config.train.log_every=2", "--config.train.eval_every=0",
+             "--config.train.progress=false")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl")]
+    assert "spikes_total" in rows[0]

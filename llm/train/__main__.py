@@ -6,7 +6,6 @@ Re-running the same command resumes from the newest checkpoint in <workdir>.
 from __future__ import annotations
 
 import logging
-import sys
 
 from llm import runtime
 
@@ -14,18 +13,20 @@ from llm import runtime
 # before JAX creates its backends; GPUs/TPUs are untouched.
 runtime.configure_cpu()
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/shakespeare.py", "Config file.", lock_config=True
-)
+from llm import cli  # noqa: E402
+
+_CONFIG = cli.define_config("config", "configs/shakespeare.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, tokenizer).")
 _STOP_AT = flags.DEFINE_integer(
     "stop_at",
     None,
     "End this invocation at this step with a checkpoint, as a preemption would; the schedule "
     "still follows config.train.steps, and the same command without --stop_at resumes.",
+)
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config as JSON and exit (nothing is trained or written)."
 )
 flags.mark_flags_as_required(["workdir"])
 
@@ -34,19 +35,19 @@ def main(argv):
     del argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     runtime.setup()
-    from llm.config import ConfigError, from_config_dict  # noqa: PLC0415
+    from llm.config import from_config_dict  # noqa: PLC0415
     from llm.train.loop import train  # noqa: PLC0415
 
     distributed = False
-    try:
-        cfg = from_config_dict(_CONFIG.value)
+    try:  # ConfigError / FileNotFoundError: one line on stderr, exit 2 (cli.run)
+        cfg = from_config_dict(cli.config_value(_CONFIG))
+        if _PRINT_CONFIG.value:
+            print(cfg.to_json())
+            return
         if cfg.train.distributed:
             runtime.init_distributed()
             distributed = True
         train(cfg, _WORKDIR.value, stop_at=_STOP_AT.value)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     finally:
         if distributed:
             # Leave together: a process that exits while its peers still finish a save makes the
@@ -56,10 +57,10 @@ def main(argv):
             jax.distributed.shutdown()
 
 
-if __name__ == "__main__":
-    app.run(main)
-
-
 def run():
-    """Console entry point `llm-train`."""
-    app.run(main)
+    """Console entry point `llm-train` (and `python -m llm.train`)."""
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    run()
