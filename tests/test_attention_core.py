@@ -48,7 +48,11 @@ def test_fused_core_equals_autodiff_of_einsum_in_f32(n, kv, t, s):
     fused = lambda q, k, v: causal_core(q, k, v, mask)  # noqa: E731
     np.testing.assert_allclose(np.asarray(fused(q, k, v)), np.asarray(ref(q, k, v)), rtol=1e-5, atol=1e-5)
     (l1, g1), (l2, g2) = _grads(ref, q, k, v, w), _grads(fused, q, k, v, w)
-    np.testing.assert_allclose(float(l2), float(l1), rtol=1e-5)
+    # The loss is a sum of +-terms that nearly cancel (seen: -0.027 from terms of size ~1): its fp32
+    # rounding scales with the terms, not with the sum, so the tolerance is relative to sum |terms|
+    # (the same 1e-5 as the elementwise check above). rtol on the sum itself failed at random.
+    terms = float(jnp.abs(ref(q, k, v) * w).sum())
+    assert abs(float(l2) - float(l1)) <= 1e-5 * terms, (float(l1), float(l2), terms)
     for name, a, b in zip("qkv", g1, g2):
         assert float(jnp.abs(a).max()) > 0.1, name  # gradients are not trivially zero
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4, err_msg=name)
