@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm import sharding
+from llm.model import layout
 from llm.model.attention import NEG_INF
 from llm.model.transformer import Block, Transformer
 
@@ -81,24 +82,20 @@ def einsum_model(model: Transformer) -> Transformer:
     return Transformer(model.cfg.replace(attention=dataclasses.replace(a, impl="einsum")))
 
 
-def _flatten(tree, n_layers: int, scanned: bool) -> dict[str, jax.Array]:
-    """The intermediates tree -> {layer_<i>/<path>/<name>: array}; sow's tuples are unpacked."""
+def _flatten(tree, cfg) -> dict[str, jax.Array]:
+    """The intermediates tree -> {layer_<i>/<path>/<name>: array}; sow's tuples are unpacked and
+    scanned layers split into per-layer keys (llm/model/layout.py knows the layout)."""
+    layers, rest = layout.split_layers(tree, cfg)
     flat: dict[str, jax.Array] = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        if leaf is None:
-            continue
-        keys = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
-        # sow appends to a tuple: the last path element is its index (0 unless sown repeatedly).
-        idx = keys.pop() if keys and keys[-1].isdigit() else "0"
-        keys = [OUT if k == "__call__" else k for k in keys]
-        name = "/".join(keys) + ("" if idx == "0" else f"#{idx}")
-        if scanned and keys and keys[0] == "layers":
-            # nn.scan stacks a per-layer value on a leading L axis: split it into layer keys.
-            rest = "/".join(keys[1:]) + ("" if idx == "0" else f"#{idx}")
-            for i in range(n_layers):
-                flat[f"layer_{i}/{rest}"] = leaf[i]
-        else:
-            flat[name] = leaf
+    for prefix, sub in [(f"layer_{i}/", s) for i, s in layers.items()] + [("", rest)]:
+        for path, leaf in jax.tree_util.tree_leaves_with_path(sub):
+            if leaf is None:
+                continue
+            keys = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
+            # sow appends to a tuple: the last path element is its index (0 unless sown repeatedly).
+            idx = keys.pop() if keys and keys[-1].isdigit() else "0"
+            keys = [OUT if k == "__call__" else k for k in keys]
+            flat[prefix + "/".join(keys) + ("" if idx == "0" else f"#{idx}")] = leaf
     return flat
 
 
@@ -148,7 +145,7 @@ def _run(model: Transformer, params, tokens_BT, positions_BT, segment_ids_BT, mo
             {"params": params}, tokens_BT, positions_BT, segment_ids_BT, deterministic=True,
             mutable=["intermediates"], capture_intermediates=keep,
         )  # fmt: skip
-        flat = _flatten(state.get("intermediates", {}), cfg.n_layers, cfg.scan_layers)
+        flat = _flatten(state.get("intermediates", {}), cfg)
         return post(logits_BTV, flat)
 
     tokens_BT = jnp.asarray(tokens_BT, jnp.int32)

@@ -2,8 +2,14 @@
 
 The model names only logical axes ("embed", "heads", "batch", ...). One rules table maps each
 logical name to zero or more mesh axes; it is overridable from config (`mesh.rules.<name>`).
-A mesh axis that does not divide a dimension is dropped for that array (it is replicated along
-that axis instead), so e.g. MQA's single KV head simply stays unsharded under tensor parallelism.
+The mesh axes themselves are data (`MESH_AXES`): every function here iterates over them, so a
+new parallelism axis is one entry there, a field (and its dcn_ twin) in MeshConfig, and rules.
+
+A parameter dimension that a rule maps onto a mesh axis which does not divide it is an error
+naming the parameter and the fix (silently replicating it would multiply its memory per device);
+a dimension of size 1 (MQA's single KV head) has nothing to split and stays whole. Activations
+and batches are lenient: an axis that does not divide is dropped for that array (e.g. a batch of
+one while sampling).
 """
 
 from __future__ import annotations
@@ -22,11 +28,16 @@ from jax.sharding import PartitionSpec as P
 
 from llm.registry import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Mesh axes, outermost first (the innermost gets the fastest interconnect): data parallelism,
+# fully-sharded data parallelism (parameters and optimizer state split), expert parallelism (MoE
+# experts split; tokens also split over it, so dense layers see it as data parallelism) and tensor
+# parallelism (heads and FFN columns split).
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical name -> mesh axes, as "a,b" strings so every entry can be a command-line flag.
 DEFAULT_RULES: dict[str, str] = {
-    "batch": "data,fsdp",
+    "batch": "data,fsdp,expert",
+    "expert": "expert",
     "length": "",
     "embed": "fsdp",
     "vocab": "tensor",
@@ -51,9 +62,11 @@ class MeshConfig:
 
     data: int = -1
     fsdp: int = 1
+    expert: int = 1
     tensor: int = 1
     dcn_data: int = 1
     dcn_fsdp: int = 1
+    dcn_expert: int = 1
     dcn_tensor: int = 1
     rules: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
 
@@ -72,14 +85,14 @@ class MeshConfig:
 
     def resolved_shape(self, n_devices: int) -> tuple[int, ...]:
         """Per-axis sizes for `n_devices` devices (ICI x DCN), resolving one -1."""
-        dcn = (self.dcn_data, self.dcn_fsdp, self.dcn_tensor)
-        ici = [self.data, self.fsdp, self.tensor]
+        dcn = tuple(getattr(self, "dcn_" + ax) for ax in MESH_AXES)
+        ici = [getattr(self, ax) for ax in MESH_AXES]
         n_dcn = math.prod(dcn)
         if n_devices % n_dcn:
             raise ConfigError(f"mesh.dcn_* product {n_dcn} does not divide {n_devices} devices")
         per_slice = n_devices // n_dcn
         if ici.count(-1) > 1:
-            raise ConfigError("at most one of mesh.data/fsdp/tensor may be -1")
+            raise ConfigError(f"at most one of mesh.{'/'.join(MESH_AXES)} may be -1")
         known = math.prod(s for s in ici if s != -1)
         if -1 in ici:
             if per_slice % known:
@@ -90,7 +103,7 @@ class MeshConfig:
             ici[ici.index(-1)] = per_slice // known
         if math.prod(ici) != per_slice:
             raise ConfigError(
-                f"mesh data*fsdp*tensor = {math.prod(ici)} but there are {per_slice} devices "
+                f"mesh {'*'.join(MESH_AXES)} = {math.prod(ici)} but there are {per_slice} devices "
                 f"(per slice); set the sizes so their product is {per_slice}, or use -1 for one"
             )
         return tuple(ici), dcn
@@ -101,7 +114,7 @@ def parse_axes(axes: str | None) -> tuple[str, ...]:
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
-    """A Mesh with axes (data, fsdp, tensor); a hybrid ICI x DCN mesh for multi-slice runs."""
+    """A Mesh with axes MESH_AXES; a hybrid ICI x DCN mesh for multi-slice runs."""
     devices = list(devices if devices is not None else jax.devices())
     ici, dcn = cfg.resolved_shape(len(devices))
     if math.prod(dcn) > 1:
@@ -118,8 +131,12 @@ def rules_tuple(rules: Mapping[str, str]) -> tuple[tuple[str, tuple[str, ...]], 
     return tuple((k, parse_axes(v)) for k, v in rules.items())
 
 
-def logical_to_spec(names, shape, mesh: Mesh, rules: Mapping[str, str]) -> P:
-    """PartitionSpec for an array of `shape` with logical axis `names`, dropping axes that don't divide."""
+def logical_to_spec(names, shape, mesh: Mesh, rules: Mapping[str, str], strict_for: str | None = None) -> P:
+    """PartitionSpec for an array of `shape` with logical axis `names`.
+
+    A mesh axis that does not divide its dimension is dropped for this array, unless `strict_for`
+    names a parameter: then it is a ConfigError naming the parameter and the fix.
+    """
     if names is None:
         return P()
     used: set[str] = set()
@@ -133,19 +150,43 @@ def logical_to_spec(names, shape, mesh: Mesh, rules: Mapping[str, str]) -> P:
                 continue
             if dim % (math.prod(mesh.shape[a] for a in keep) * size) == 0:
                 keep.append(ax)
+            elif strict_for is not None and dim > 1:
+                raise ConfigError(
+                    f"parameter {strict_for} {tuple(shape)}: its {name!r} dimension ({dim}) is not divisible "
+                    f"by mesh axis {ax!r} (size {size}) that mesh.rules.{name}={rules.get(name)!r} maps it to; "
+                    f"choose mesh sizes that divide {dim}, change the model shape, or replicate it with "
+                    f"--config.mesh.rules.{name}={','.join(a for a in axes if a != ax)!r}"
+                )
         used.update(keep)
         out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
     return P(*out)
 
 
-def tree_shardings(logical_specs, abstract_tree, mesh: Mesh, rules: Mapping[str, str]):
-    """NamedShardings for a pytree, from its logical PartitionSpecs (flax get_partition_spec)."""
-    return jax.tree.map(
-        lambda spec, leaf: NamedSharding(mesh, logical_to_spec(tuple(spec), leaf.shape, mesh, rules)),
+def tree_shardings(logical_specs, abstract_tree, mesh: Mesh, rules: Mapping[str, str], strict: bool = True):
+    """NamedShardings for a parameter pytree, from its logical PartitionSpecs (flax
+    get_partition_spec). `strict`: a rule whose mesh axis does not divide a dimension is an error."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, spec, leaf: NamedSharding(
+            mesh, logical_to_spec(tuple(spec), leaf.shape, mesh, rules, path_str(path) if strict else None)
+        ),
         logical_specs,
         abstract_tree,
         is_leaf=lambda x: isinstance(x, P),
     )
+
+
+def path_str(path) -> str:
+    """'layer_0/attn/query/kernel': a pytree path as a '/'-joined string of its keys (dict keys,
+    sequence indices and attribute names; box attributes such as `.value` are skipped)."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey) and k.name != "value":
+            parts.append(k.name)
+    return "/".join(parts)
 
 
 # ---- activation constraints -------------------------------------------------------------------

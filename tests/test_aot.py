@@ -21,7 +21,12 @@ def test_tiny_compiles_and_fits_on_v5e():
         tiny_cfg(**TINY, **{"mesh.fsdp": 2}), aot_check.parse_topology("v5e:2x2"), log=print
     )
     assert report["compiles"] and report["fits"] and report["backend"] == "tpu"
-    assert report["device_kind"] == "TPU v5 lite" and report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+    assert report["device_kind"] == "TPU v5 lite" and report["mesh"] == {
+        "data": 2,
+        "fsdp": 2,
+        "expert": 1,
+        "tensor": 1,
+    }
     mem = report["memory_bytes"]
     assert 0 < mem["peak"] < 1024**3 and mem["arguments"] > 0
     assert mem["aliased"] > 0  # the donated train state is updated in place
@@ -32,7 +37,12 @@ def test_tiny_compiles_and_fits_on_v5e():
 def test_multislice_puts_slices_on_dcn():
     report = aot_check.check(tiny_cfg(**TINY), aot_check.parse_topology("v4:2x2x1", num_slices=2), log=print)
     assert report["compiles"] and report["devices"] == 8 and report["device_kind"] == "TPU v4"
-    assert report["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}  # 4 per slice x 2 slices (dcn_data=2)
+    assert report["mesh"] == {
+        "data": 8,
+        "fsdp": 1,
+        "expert": 1,
+        "tensor": 1,
+    }  # 4 per slice x 2 slices (dcn_data=2)
 
 
 @needs_libtpu
@@ -45,8 +55,10 @@ def test_too_big_does_not_fit(capsys):
 
 
 def test_cpu_fallback_and_replication_warning(capsys):
-    """fsdp=3 divides none of d_model 64, ffn 256, vocab 320: the state stays whole on every device."""
-    cfg = tiny_cfg(**TINY, **{"mesh.data": 1, "mesh.fsdp": 3, "train.batch_size": 9})
+    """fsdp=3 with the embed dimension replicated by the rules (fsdp=3 divides none of d_model 64,
+    ffn 256, vocab 320, which is an error unless the rule says so): the state stays whole on every
+    device, and the report says so."""
+    cfg = tiny_cfg(**TINY, **{"mesh.data": 1, "mesh.fsdp": 3, "train.batch_size": 9, "mesh.rules.embed": ""})
     report = aot_check.check(cfg, aot_check.parse_topology("v5p:3x1x1"), force_cpu=True, log=print)
     assert report["backend"] == "cpu" and report["compiles"] and report["devices"] == 3
     out = capsys.readouterr().out

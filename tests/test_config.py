@@ -76,11 +76,16 @@ def test_wrong_type_is_rejected():
 
 
 def test_mesh_sizes_vs_devices():
-    with pytest.raises(ConfigError, match=r"data\*fsdp\*tensor = 6 but there are 8 devices"):
+    with pytest.raises(ConfigError, match=r"data\*fsdp\*expert\*tensor = 6 but there are 8 devices"):
         MeshConfig(data=3, fsdp=2, tensor=1).resolved_shape(8)
     with pytest.raises(ConfigError, match=r"do not divide"):
         MeshConfig(data=-1, fsdp=3).resolved_shape(8)
-    assert MeshConfig(data=-1, fsdp=2, tensor=2).resolved_shape(8)[0] == (2, 2, 2)
+    assert MeshConfig(data=-1, fsdp=2, tensor=2).resolved_shape(8)[0] == (
+        2,
+        2,
+        1,
+        2,
+    )  # data fsdp expert tensor
     with pytest.raises(ConfigError, match=r"unknown mesh axis 'tensr'"):
         MeshConfig(rules={"embed": "tensr"})
 

@@ -61,7 +61,7 @@ def test_two_processes_match_one_and_resume(reference, tmp_path, repo_root):
     log = out.getvalue()
     assert code == 0, tail(log)
     assert "[p0] model:" in log and "[p1] model:" not in log  # only process 0 reports
-    assert "{'data': 2, 'fsdp': 4, 'tensor': 1}" in log
+    assert "{'data': 2, 'fsdp': 4, 'expert': 1, 'tensor': 1}" in log
     assert sorted(losses(wd)) == list(range(1, STOP + 1))
     # Every process wrote its part of the checkpoint, including its own data-iterator state.
     data_dir = wd / "checkpoints" / str(STOP) / "data"

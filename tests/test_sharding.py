@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from llm import sharding
 from llm.checkpoint import Checkpointer
+from llm.config import ConfigError
 from llm.data import pipeline
 from llm.train import loop
 from llm.train import state as state_lib
@@ -27,8 +27,17 @@ MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
 RTOL = 1e-5
 
 
-def mesh_overrides(mesh: tuple[int, int, int]) -> dict:
-    return dict(zip(("mesh.data", "mesh.fsdp", "mesh.tensor"), mesh))
+def mesh_overrides(mesh: tuple[int, int, int], arch: str | None = None) -> dict:
+    """Mesh sizes, and rules that replicate the head dimensions tensor parallelism cannot split
+    (the tiny models have 4 query and 2 (llama) or 4 kv heads; a rule that does not divide is an
+    error, so a user asks for replication explicitly, as here)."""
+    out = dict(zip(("mesh.data", "mesh.fsdp", "mesh.tensor"), mesh))
+    heads, kv_heads = 4, 2 if arch == "llama" else 4
+    if mesh[2] > heads:
+        out.update({"mesh.rules.heads": "", "mesh.rules.act_heads": ""})
+    if mesh[2] > kv_heads:
+        out.update({"mesh.rules.kv_heads": "", "mesh.rules.act_kv_heads": ""})
+    return out
 
 
 # One workdir per architecture, so its tokenizer is trained once and shared by every mesh; removed
@@ -43,7 +52,7 @@ def workdir_for(arch: str | None) -> str:
 @functools.cache
 def experiment(arch: str, mesh: tuple[int, int, int]):
     """(Experiment, jitted train step) on the first data*fsdp*tensor devices, built once per session."""
-    cfg = tiny_cfg(arch, **{"train.steps": STEPS, "train.eval_every": 0, **mesh_overrides(mesh)})
+    cfg = tiny_cfg(arch, **{"train.steps": STEPS, "train.eval_every": 0, **mesh_overrides(mesh, arch)})
     os.makedirs(workdir_for(arch), exist_ok=True)
     exp = loop.build(cfg, workdir_for(arch), devices=jax.devices()[: int(np.prod(mesh))])
     train_fn, _ = loop.compile_steps(exp)
@@ -116,7 +125,7 @@ def n_distinct_shards(x: jax.Array) -> int:
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
 def test_mesh_matches_single_device(arch, mesh):
     exp, train_fn = experiment(arch, mesh)
-    assert dict(exp.mesh.shape) == dict(zip(sharding.MESH_AXES, mesh))
+    assert dict(exp.mesh.shape) == {**dict(zip(("data", "fsdp", "tensor"), mesh)), "expert": 1}
     state = fresh_state(exp, arch)
 
     # The MLP input kernel [embed, mlp] is split fsdp-ways over D and tensor-ways over F (64 and
@@ -179,3 +188,19 @@ def test_born_sharded_init_matches():
         assert got.sharding.is_equivalent_to(want, got.ndim)
     assert n_distinct_shards(mlp_kernel(state.params, "llama")) == 4
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), initial_state_host("llama"))
+
+
+def test_a_rule_that_does_not_divide_a_parameter_is_an_error_naming_it(tmp_path):
+    """fsdp=3 does not divide d_model 64: not silently replicated (3x the memory) but refused."""
+    cfg = tiny_cfg(**{"mesh.data": 1, "mesh.fsdp": 3, "train.batch_size": 9})
+    with pytest.raises(ConfigError) as e:
+        loop.build(cfg, str(tmp_path), devices=jax.devices()[:3])
+    msg = str(e.value)
+    assert msg.startswith("parameter embed/embedding (320, 64): its 'embed' dimension (64) is not divisible by "
+                          "mesh axis 'fsdp' (size 3)"), msg  # fmt: skip
+    assert "--config.mesh.rules.embed=''" in msg
+    # MQA's single kv head has nothing to split: tensor parallelism leaves it whole, no error.
+    cfg = tiny_cfg("llama", **{"mesh.data": 1, "mesh.tensor": 2, "model.attention.n_kv_heads": 1})
+    exp = loop.build(cfg, str(tmp_path / "mqa"), devices=jax.devices()[:2])
+    key_spec = exp.state_shardings.params["layer_0"]["attn"]["key"]["kernel"].spec
+    assert tuple(key_spec) in ((None, None, None), (None,), ())  # replicated

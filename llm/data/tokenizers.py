@@ -92,6 +92,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.decode([int(i) for i in ids])
 
     def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, SP_FILE), "wb") as f:
             f.write(self.proto)
         _write_meta(directory, {"kind": self.kind, "vocab_size": self.vocab_size})

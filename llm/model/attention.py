@@ -10,6 +10,7 @@ from jax.ad_checkpoint import checkpoint_name
 from llm.model import attention_core, dots
 from llm.model.attention_core import NEG_INF
 from llm.model.config import ModelConfig
+from llm.model.context import LayerContext
 from llm.model.layers import dtypes, init, out_proj_std, zeros
 from llm.model.positional import Positional
 from llm.model.registries import ATTENTION, ATTENTION_IMPL
@@ -79,10 +80,11 @@ class CausalSelfAttention(nn.Module):
         return self.cfg.attention
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_B1TS, bias_BNTS, deterministic: bool = True,
-                 decode_index=None):  # fmt: skip
-        """`decode_index` is None in training; when decoding, the cache slot of the first new token."""
+    def __call__(self, x_BTD, ctx: LayerContext):
+        """Attend over the context's keys with its standard causal mask (and, when decoding,
+        over this layer's cache of every earlier key/value)."""
         cfg, a = self.cfg, self.cfg.attention
+        positions_BT = ctx.positions_BT
         dtype, pdtype = dtypes(cfg)
         n, kv, h = a.n_heads, a.kv_heads, cfg.head_dim
         pos: Positional = _positional(cfg)
@@ -100,12 +102,13 @@ class CausalSelfAttention(nn.Module):
         q_BTNH = constrain(q_BTNH, ("batch", "length", "act_heads", None))
         k_BSKH = constrain(k_BSKH, ("batch", "length", "act_kv_heads", None))
         v_BSKH = constrain(v_BSKH, ("batch", "length", "act_kv_heads", None))
-        if decode_index is not None:
+        if ctx.decoding:
             # Keys/values of the T new tokens join the cache; queries then attend over all S slots.
-            k_BSKH, v_BSKH = update_kv_cache(self, k_BSKH, v_BSKH, decode_index)
+            k_BSKH, v_BSKH = update_kv_cache(self, k_BSKH, v_BSKH, ctx.decode_index)
 
+        bias_BNTS = pos.bias(positions_BT, ctx.key_positions_BS, n)  # ALiBi; None for other kinds
         impl = ATTENTION_IMPL.get(a.impl, "model.attention.impl")
-        out_BTNH = impl(self, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, deterministic)
+        out_BTNH = impl(self, q_BTNH, k_BSKH, v_BSKH, ctx.mask_B1TS, bias_BNTS, ctx.deterministic)
         out_BTNH = checkpoint_name(out_BTNH, "attention_out")
         return nn.DenseGeneral(
             cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=dtype, param_dtype=pdtype,

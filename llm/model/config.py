@@ -21,6 +21,8 @@ class AttentionConfig:
     """Self-attention: head layout (MHA/GQA/MQA), kind and implementation."""
 
     kind: str = "causal"  # registry ATTENTION (llm/model/attention.py)
+    # Attention kinds cycling over depth, e.g. ('local','local','causal'); unset = every layer `kind`.
+    pattern: tuple[str, ...] | None = None
     n_heads: int = 4
     n_kv_heads: int | None = None  # None = n_heads (MHA); 1 = MQA; else GQA
     head_dim: int | None = None  # None = d_model // n_heads
@@ -30,6 +32,17 @@ class AttentionConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+
+@dataclass(frozen=True)
+class FFNConfig:
+    """The feed-forward sub-layer: its kind per layer (`model.mlp` picks the MLP a dense FFN uses)."""
+
+    kind: str = "dense"  # registry FFN (llm/model/block.py)
+
+    def kinds(self, n_layers: int) -> tuple[str, ...]:
+        """The FFN kind of every layer."""
+        return (self.kind,) * n_layers
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,7 @@ class ModelConfig:
     scan_layers: bool = False  # nn.scan over layers: one compiled block, faster compile
     remat: str = "none"  # registry REMAT (llm/model/transformer.py)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    ffn: FFNConfig = field(default_factory=FFNConfig)
 
     def __post_init__(self):
         a = self.attention
@@ -88,6 +102,10 @@ class ModelConfig:
             f"unknown model.matmul_dtype {self.matmul_dtype!r}; valid choices: {', '.join(DTYPES)} (or unset)",
         )
         _check(0.0 <= self.dropout < 1.0 and 0.0 <= a.dropout < 1.0, "dropout must be in [0, 1)")
+        _check(
+            a.pattern is None or len(a.pattern) > 0,
+            "model.attention.pattern is empty; give kinds, e.g. \"('local','causal')\", or leave it unset",
+        )
         if self.positional == "rope":
             _check(self.head_dim % 2 == 0, f"rope needs an even head_dim, got {self.head_dim}")
         # Registry names are checked here too so a bad flag fails before any tracing.

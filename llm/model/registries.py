@@ -9,12 +9,13 @@ NORM: Registry = Registry("norm")  # llm/model/layers.py
 MLP: Registry = Registry("mlp")  # llm/model/layers.py
 ATTENTION: Registry = Registry("attention kind")  # llm/model/attention.py
 ATTENTION_IMPL: Registry = Registry("attention implementation")  # llm/model/attention.py
+FFN: Registry = Registry("ffn kind")  # llm/model/block.py
 REMAT: Registry = Registry("remat policy")  # llm/model/transformer.py
 
 
 def _load_all() -> None:
     # Importing the modules fills the registries.
-    from llm.model import attention, layers, positional, transformer  # noqa: F401, PLC0415
+    from llm.model import attention, block, layers, positional, transformer  # noqa: F401, PLC0415
 
 
 def check_model_names(cfg) -> None:
@@ -25,4 +26,7 @@ def check_model_names(cfg) -> None:
     MLP.get(cfg.mlp, "model.mlp")
     REMAT.get(cfg.remat, "model.remat")
     ATTENTION.get(cfg.attention.kind, "model.attention.kind")
+    for kind in cfg.attention.pattern or ():
+        ATTENTION.get(kind, "model.attention.pattern")
+    FFN.get(cfg.ffn.kind, "model.ffn.kind")
     ATTENTION_IMPL.get(cfg.attention.impl, "model.attention.impl")

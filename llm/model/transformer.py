@@ -1,4 +1,9 @@
-"""The decoder-only transformer: embeddings, a stack of blocks (optionally scanned/rematted), head."""
+"""The decoder-only transformer: embeddings, the layer stack (unrolled or scanned), the head.
+
+The stack's layout (which module each layer is, what `nn.scan` repeats) is llm/model/layout.py's
+`plan`; the layers themselves are llm/model/block.py; what each layer is told about the tokens is
+a `LayerContext` (llm/model/context.py) built here once per call.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm.model import dots
+from llm.model import dots, layout
 from llm.model.attention import _positional
+from llm.model.block import Block, SuperBlock
+from llm.model.channels import LOSSES, METRICS
 from llm.model.config import ModelConfig
+from llm.model.context import decode_context, training_context
 from llm.model.layers import dtypes, init, make_norm
-from llm.model.registries import ATTENTION, MLP, REMAT
+from llm.model.registries import REMAT
 from llm.sharding import constrain
 
 # Remat policies: what the backward pass may keep instead of recomputing. "none" = no remat.
@@ -20,61 +28,8 @@ REMAT.register("dots")(lambda: jax.checkpoint_policies.checkpoint_dots)
 REMAT.register("dots_no_batch")(lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 REMAT.register("attention_out")(lambda: jax.checkpoint_policies.save_only_these_names("attention_out"))
 
-
-class Block(nn.Module):
-    """One transformer layer: attention and MLP, each a residual branch (pre- or post-norm)."""
-
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_B1TS, bias_BNTS, decode_index, deterministic: bool):
-        cfg = self.cfg
-        attn = ATTENTION.get(cfg.attention.kind, "model.attention.kind")(cfg, name="attn")
-        mlp = MLP.get(cfg.mlp, "model.mlp")(cfg, name="mlp")
-        norm1, norm2 = make_norm(cfg, "norm_attn"), make_norm(cfg, "norm_mlp")
-        drop = nn.Dropout(cfg.dropout)
-
-        def attn_branch(h):
-            out = attn(h, positions_BT, mask_B1TS, bias_BNTS, deterministic, decode_index=decode_index)
-            return drop(out, deterministic)
-
-        if cfg.norm_position == "pre":
-            x_BTD = x_BTD + attn_branch(norm1(x_BTD))
-            x_BTD = x_BTD + drop(mlp(norm2(x_BTD)), deterministic)
-        else:  # post-norm (original Transformer / GPT-1)
-            x_BTD = norm1(x_BTD + attn_branch(x_BTD))
-            x_BTD = norm2(x_BTD + drop(mlp(x_BTD), deterministic))
-        return constrain(x_BTD, ("batch", "length", "act_embed"))
-
-
-def attention_mask(segment_ids_BT):
-    """Causal mask that also keeps tokens of different packed documents apart: B 1 T S (bool)."""
-    t = segment_ids_BT.shape[1]
-    causal_TS = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-    same_doc_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    return (causal_TS[None] & same_doc_BTS)[:, None]
-
-
-def decode_context(module: nn.Module, positions_BT, segment_ids_BT):
-    """Mask, key positions and write slot for T new tokens joining the decode cache.
-
-    The model-level cache holds, per row and slot, the token's position and whether the slot holds
-    a real token (padding and empty slots do not), so rows of different lengths share one cache.
-    Returns mask B 1 T S (a query sees valid slots up to its own), key positions B S, the slot.
-    """
-    b, t = positions_BT.shape
-    index = module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-    key_pos = module.variable("cache", "key_pos", jnp.zeros, (b, t), jnp.int32)
-    key_valid = module.variable("cache", "key_valid", jnp.zeros, (b, t), jnp.bool_)
-    start = index.value
-    key_pos.value = jax.lax.dynamic_update_slice(key_pos.value, positions_BT.astype(jnp.int32), (0, start))
-    key_valid.value = jax.lax.dynamic_update_slice(key_valid.value, segment_ids_BT != 0, (0, start))
-    index.value = start + t
-    slot_S = jnp.arange(key_pos.value.shape[1])
-    query_slot_T = start + jnp.arange(t)
-    causal_TS = slot_S[None, :] <= query_slot_T[:, None]
-    mask_B1TS = (key_valid.value[:, None, :] & causal_TS[None])[:, None]
-    return mask_B1TS, key_pos.value, start
+# Collections whose variables get the scanned stack's leading repeat axis.
+SCANNED_COLLECTIONS = ("params", "intermediates", LOSSES, METRICS, "cache")
 
 
 class Transformer(nn.Module):
@@ -118,34 +73,10 @@ class Transformer(nn.Module):
         x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
 
         if decode:
-            mask_B1TS, key_pos_BS, decode_index = decode_context(self, positions_BT, segment_ids_BT)
+            ctx = decode_context(self, positions_BT, segment_ids_BT, deterministic)
         else:
-            mask_B1TS, key_pos_BS, decode_index = attention_mask(segment_ids_BT), positions_BT, None
-        bias_BNTS = pos.bias(positions_BT, key_pos_BS, cfg.attention.n_heads)
-
-        block_cls = Block
-        policy = REMAT.get(cfg.remat, "model.remat")
-        if policy is not None:
-            # deterministic is the last positional argument and must stay a Python bool.
-            block_cls = nn.remat(Block, policy=policy(), prevent_cse=not cfg.scan_layers,
-                                 static_argnums=(-1,))  # fmt: skip
-        if cfg.scan_layers:
-            scanned = nn.scan(
-                lambda blk, x, *args: (blk(x, *args, deterministic), None),
-                variable_axes={"params": 0, "intermediates": 0, "losses": 0, "cache": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=cfg.n_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            x_BTD, _ = scanned(
-                block_cls(cfg, name="layers"), x_BTD, positions_BT, mask_B1TS, bias_BNTS, decode_index
-            )
-        else:
-            for i in range(cfg.n_layers):
-                x_BTD = block_cls(cfg, name=f"layer_{i}")(
-                    x_BTD, positions_BT, mask_B1TS, bias_BNTS, decode_index, deterministic
-                )
+            ctx = training_context(positions_BT, segment_ids_BT, deterministic)
+        x_BTD = layer_stack(cfg, x_BTD, ctx)
 
         if cfg.norm_position == "pre":
             x_BTD = make_norm(cfg, "norm_final")(x_BTD)
@@ -158,3 +89,31 @@ class Transformer(nn.Module):
                 kernel_init=init(cfg.init_std, ("embed", "vocab")), dot_general=dots.dot_general_for(cfg.matmul_dtype),
             )(x_BTD)  # fmt: skip
         return constrain(logits_BTV, ("batch", "length", "act_vocab"))
+
+
+def layer_stack(cfg: ModelConfig, x_BTD, ctx):
+    """The layers, as llm/model/layout.py's plan lays them out (called inside Transformer's
+    compact __call__, which becomes the parent of the modules created here)."""
+    plan = layout.plan(cfg)
+    block_cls = Block
+    policy = REMAT.get(cfg.remat, "model.remat")
+    if policy is not None:
+        block_cls = nn.remat(Block, policy=policy(), prevent_cse=not cfg.scan_layers)
+    n_unrolled = plan.prefix if plan.scanned else len(plan.specs)
+    for i in range(n_unrolled):
+        x_BTD = block_cls(cfg, plan.specs[i], name=f"layer_{i}")(x_BTD, ctx)
+    if plan.scanned:
+        scanned = nn.scan(
+            lambda blk, x, c: (blk(x, c), None),
+            variable_axes={c: 0 for c in SCANNED_COLLECTIONS},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,),
+            length=plan.repeats,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        if plan.period == 1:
+            unit = block_cls(cfg, plan.unit[0], name=layout.SCANNED)
+        else:
+            unit = SuperBlock(cfg, plan.unit, block_cls, name=layout.SCANNED)
+        x_BTD, _ = scanned(unit, x_BTD, ctx)
+    return x_BTD

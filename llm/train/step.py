@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llm.model.channels import LOSSES, METRICS, layer_metrics, total_losses
 from llm.train.state import TrainState
 
 
@@ -22,24 +23,26 @@ def token_nll(logits_BTV, targets_BT):
 
 
 def forward(params, model, batch, rng=None, train: bool = False):
-    """Logits and the sown auxiliary losses (e.g. MoE balance losses) of one batch."""
-    logits_BTV, aux = model.apply(
+    """Logits, the sown auxiliary losses {name: sum over layers} (already weighted by the layers)
+    and the sown metrics (flat scalars, llm/model/channels.py) of one batch."""
+    logits_BTV, sown = model.apply(
         {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-        deterministic=not train, rngs={"dropout": rng} if train else {}, mutable=["losses"],
+        deterministic=not train, rngs={"dropout": rng} if train else {}, mutable=[LOSSES, METRICS],
     )  # fmt: skip
-    aux_losses = {
-        "/".join(str(getattr(k, "key", k)) for k in path): jnp.mean(v)
-        for path, v in jax.tree_util.tree_leaves_with_path(aux.get("losses", {}))
+    aux = {
+        "losses": total_losses(sown.get(LOSSES, {})),
+        "metrics": layer_metrics(sown.get(METRICS, {}), model.cfg),
     }
-    return logits_BTV, aux_losses
+    return logits_BTV, aux
 
 
 def _loss(params, model, batch, rng, n_tokens, aux_weight):
-    """Sum of masked NLL / n_tokens (so micro-batch losses add up to the batch mean) + aux."""
+    """Sum of masked NLL / n_tokens (so micro-batch losses add up to the batch mean) + aux losses
+    (each micro-batch's weighted by aux_weight = 1/grad_accum, so they too average)."""
     logits_BTV, aux = forward(params, model, batch, rng, train=True)
     mask_BT = batch["loss_mask"].astype(jnp.float32)
     nll = jnp.sum(token_nll(logits_BTV, batch["targets"]) * mask_BT) / n_tokens
-    aux_total = sum(aux.values()) if aux else 0.0
+    aux_total = sum(aux["losses"].values()) if aux["losses"] else 0.0
     return nll + aux_weight * aux_total, (nll, aux)
 
 
@@ -112,7 +115,8 @@ def train_step(
     metrics = {
         "loss": nll, "total_loss": loss, "grad_norm": grad_norm,
         "learning_rate": schedule(state.step), "nonfinite": 1 - finite.astype(jnp.int32),
-        "n_tokens": n_tokens, **spike_metrics, **{f"aux/{k}": v for k, v in aux.items()},
+        "n_tokens": n_tokens, **spike_metrics, **{f"aux/{k}": v for k, v in aux["losses"].items()},
+        **{f"model/{k}": v for k, v in aux["metrics"].items()},
     }  # fmt: skip
     return new_state, metrics
 

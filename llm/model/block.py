@@ -1,0 +1,62 @@
+"""One transformer layer (`Block`), the scanned super-block of a layer pattern, and the FFN kinds.
+
+A block is an attention sub-layer and an FFN sub-layer, each a residual branch (pre- or
+post-norm). Which attention and which FFN is the layer's `LayerSpec` (llm/model/layout.py),
+resolved through the registries: a new kind is a module plus one `register` line, never a
+branch here. Parameter names are fixed by slot (`attn`, `mlp`), whatever the kind.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from llm.model.config import ModelConfig
+from llm.model.context import LayerContext
+from llm.model.layers import make_norm
+from llm.model.layout import LayerSpec
+from llm.model.registries import ATTENTION, FFN, MLP
+from llm.sharding import constrain
+
+
+@FFN.register("dense")
+def dense_ffn(cfg: ModelConfig, name: str) -> nn.Module:
+    """The dense feed-forward block: the `model.mlp` kind (gelu | swiglu)."""
+    return MLP.get(cfg.mlp, "model.mlp")(cfg, name=name)
+
+
+class Block(nn.Module):
+    """One layer: `spec.attention` then `spec.ffn`, each a residual branch (pre- or post-norm)."""
+
+    cfg: ModelConfig
+    spec: LayerSpec
+
+    @nn.compact
+    def __call__(self, x_BTD, ctx: LayerContext):
+        cfg = self.cfg
+        attn = ATTENTION.get(self.spec.attention, "model.attention.kind")(cfg, name="attn")
+        ffn = FFN.get(self.spec.ffn, "model.ffn.kind")(cfg, name="mlp")
+        norm1, norm2 = make_norm(cfg, "norm_attn"), make_norm(cfg, "norm_mlp")
+        drop = nn.Dropout(cfg.dropout)
+        det = ctx.deterministic
+
+        if cfg.norm_position == "pre":
+            x_BTD = x_BTD + drop(attn(norm1(x_BTD), ctx), det)
+            x_BTD = x_BTD + drop(ffn(norm2(x_BTD)), det)
+        else:  # post-norm (original Transformer / GPT-1)
+            x_BTD = norm1(x_BTD + drop(attn(x_BTD, ctx), det))
+            x_BTD = norm2(x_BTD + drop(ffn(x_BTD), det))
+        return constrain(x_BTD, ("batch", "length", "act_embed"))
+
+
+class SuperBlock(nn.Module):
+    """The repeating unit of a layer pattern under `scan_layers`: blocks `block_<j>` in order."""
+
+    cfg: ModelConfig
+    specs: tuple[LayerSpec, ...]
+    block_cls: type = Block
+
+    @nn.compact
+    def __call__(self, x_BTD, ctx: LayerContext):
+        for j, spec in enumerate(self.specs):
+            x_BTD = self.block_cls(self.cfg, spec, name=f"block_{j}")(x_BTD, ctx)
+        return x_BTD
