@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from llm.model import layout
 from llm.registry import ConfigError
 
 QUANT_KINDS = ("none", "int8")
@@ -65,9 +66,9 @@ def _contracted_axes(path: tuple[str, ...], leaf) -> tuple[int, ...] | None:
     if name == "kernel":
         owner = path[-2] if len(path) > 1 else ""
         n = CONTRACTED_AXES.get(owner, 1)
-        # Under scan_layers the stacked block ("layers") has the layer index as its leading axis:
-        # each layer keeps its own scales.
-        lead = 1 if "layers" in path else 0
+        # Under scan_layers the stacked block has the repeat index as its leading axis: each
+        # layer keeps its own scales.
+        lead = 1 if path and path[0] == layout.SCANNED else 0
         return tuple(range(lead, lead + n))
     return None
 
