@@ -17,7 +17,6 @@ many fake CPU devices with the same mesh, says so, and its memory figures are on
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import json
 import math
@@ -179,16 +178,10 @@ def check(cfg, topo: Topology, force_cpu: bool = False, log=print) -> dict:
     import jax  # noqa: PLC0415
 
     from llm import flops, sharding  # noqa: PLC0415
-    from llm.data import pipeline  # noqa: PLC0415
-    from llm.model import Transformer  # noqa: PLC0415
-    from llm.train import loop  # noqa: PLC0415
-    from llm.train import optimizer as optim_lib  # noqa: PLC0415
     from llm.train import state as state_lib  # noqa: PLC0415
-    from llm.train.step import train_step  # noqa: PLC0415
+    from llm.train.builder import build_model, build_trainer  # noqa: PLC0415
 
-    if cfg.model.vocab_size is None:
-        raise ValueError("model.vocab_size is unset (it normally comes from the tokenizer); pass "
-                         "--config.model.vocab_size=<n>")  # fmt: skip
+    build_model(cfg)  # model.vocab_size must be given (it normally comes from the tokenizer)
     fake = force_cpu or not libtpu_available()
     backend = "fake CPU devices (libtpu not installed: memory is only indicative)" if fake else "libtpu"
     if force_cpu and libtpu_available():
@@ -203,24 +196,13 @@ def check(cfg, topo: Topology, force_cpu: bool = False, log=print) -> dict:
         raise ValueError(f"micro-batch {micro} is not divisible by the data-parallel size {dp} (mesh "
                          f"{dict(mesh.shape)}); set --config.train.batch_size to a multiple of {dp}")  # fmt: skip
 
-    model = Transformer(cfg.model)
-    tx, schedule = optim_lib.make_optimizer(cfg.optim, cfg.train.steps)
-    abstract, shardings = state_lib.state_shardings(model, tx, t, mesh, rules, cfg.train.spike_window)
-    state_in = state_lib.sharded_target(abstract, shardings)
-    batch_sh = sharding.batch_sharding(mesh, rules)
-    batch_in = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, t), jax.numpy.int32, sharding=batch_sh)
-                for k in pipeline.FIELDS}  # fmt: skip
-    # The same jit as loop.compile_steps: explicit shardings, donated state, activation constraints.
-    step = functools.partial(
-        train_step,
-        model=model,
-        tx=tx,
-        schedule=schedule,
-        grad_accum=cfg.train.grad_accum,
-        spike_sigmas=cfg.train.spike_sigmas,
-    )
-    fn = jax.jit(loop._in_context(step, mesh, rules), in_shardings=(shardings, {k: batch_sh for k in batch_in}),
-                 out_shardings=(shardings, None), donate_argnums=0)  # fmt: skip
+    # The same builder and jit as the training loop: explicit shardings, donated state.
+    trainer = build_trainer(cfg, mesh)
+    abstract, shardings = trainer.abstract_state, trainer.state_shardings
+    state_in = trainer.restore_target()
+    batch_in = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, t)[: len(names)], jax.numpy.int32, sharding=sh)
+                for (k, names), sh in zip(trainer.task.fields.items(), trainer.batch_shardings.values())}  # fmt: skip
+    fn = trainer.jit_train_step()
 
     n_params = state_lib.count_params(abstract.params)
     # Params + optimizer state held by one device, from the shardings alone (no compile needed).

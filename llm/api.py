@@ -14,8 +14,7 @@ from llm.checkpoint import Checkpointer
 from llm.config import RunConfig, from_json
 from llm.data.tokenizers import Tokenizer, load_tokenizer
 from llm.model import Transformer
-from llm.train import optimizer as optim_lib
-from llm.train import state as state_lib
+from llm.train.builder import build_model, params_target
 
 
 @dataclasses.dataclass
@@ -48,11 +47,8 @@ def load(workdir: str, step: int | None = None, mesh=None) -> Loaded:
     cfg = from_json(json.dumps(ckpt.read_config(step)))
     if mesh is None:
         mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
-    model = Transformer(cfg.model)
-    tx, _ = optim_lib.make_optimizer(cfg.optim, cfg.train.steps)
-    abstract, shardings = state_lib.state_shardings(model, tx, cfg.data.seq_len, mesh, cfg.mesh.rules,
-                                                    cfg.train.spike_window)  # fmt: skip
-    target = state_lib.sharded_target(abstract, shardings)
-    state, _ = ckpt.restore(step, target)
+    model = build_model(cfg)
+    # Parameters only: the optimizer state is neither built nor read.
+    params = ckpt.restore_params(step, params_target(cfg, mesh, model))
     ckpt.close()
-    return Loaded(config=cfg, params=state.params, tokenizer=load_tokenizer(workdir), model=model, step=step)
+    return Loaded(config=cfg, params=params, tokenizer=load_tokenizer(workdir), model=model, step=step)

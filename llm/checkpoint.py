@@ -1,4 +1,5 @@
-"""Orbax checkpoints: train state + data-iterator state + resolved config, async, keep-N.
+"""Orbax checkpoints: parameters, optimizer state, the rest of the train state, data-iterator
+state and the resolved config, each its own item; async, keep-N.
 
 Every step directory is written under a temporary name and committed with a marker file
 (`CommitFileTemporaryPath`), so a save killed mid-write never counts as a checkpoint. Restores go
@@ -24,7 +25,14 @@ from llm.registry import ConfigError
 
 log = logging.getLogger(__name__)
 
-ITEMS = ("state", "data", "config")
+# Items of a checkpoint step: the parameters and the optimizer state are separately restorable
+# (notebooks, llm.evaluate, `train.init_from` and weight export read the parameters only).
+# "train" holds the rest of the train state (step, rng, skipped, loss-spike monitor).
+ITEMS = ("params", "opt_state", "train", "data", "config")
+# Checkpoints written before that split (commit e9a0ace and earlier) hold the whole train state
+# as one item; they restore too (`upgrade` converts an optimizer state of the earlier layout).
+LEGACY_STATE = "state"
+TRAIN_FIELDS = ("step", "rng", "skipped", "monitor")
 
 
 class CheckpointCorrupt(RuntimeError):
@@ -36,7 +44,12 @@ class CheckpointMismatch(ConfigError):
 
     Not damage: the files are fine, the flags changed (optimizer, loss-spike window, ...). Never
     quarantined or skipped, so a changed flag cannot make a run silently start over.
+    `problems` lists the differences alone (callers word their own advice around it).
     """
+
+    def __init__(self, message: str, problems: str = ""):
+        super().__init__(message)
+        self.problems = problems or message
 
 
 class Checkpointer:
@@ -46,15 +59,28 @@ class Checkpointer:
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
             temporary_path_class=atomicity.CommitFileTemporaryPath,
         )  # fmt: skip
-        self.mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS + (LEGACY_STATE,))
 
     def steps(self) -> list[int]:
         self.mngr.reload()
         return sorted(self.mngr.all_steps())
 
+    def _item_dir(self, step: int, item: str) -> str:
+        return os.path.join(self.directory, str(step), item)
+
+    def is_legacy(self, step: int) -> bool:
+        """Whether `step` was written in the single-item layout of commit e9a0ace and earlier."""
+        return os.path.isdir(self._item_dir(step, LEGACY_STATE)) and not os.path.isdir(
+            self._item_dir(step, "params")
+        )
+
     def save(self, step: int, state, data_iter, config_json: str) -> None:
-        tree = _state_tree(state, keep_empty=())
-        args = {"state": ocp.args.StandardSave(tree), "config": ocp.args.JsonSave(json.loads(config_json))}
+        args = {
+            "params": ocp.args.StandardSave(state.params),
+            "opt_state": ocp.args.StandardSave(state.opt_state),
+            "train": ocp.args.StandardSave(_train_tree(state, keep_empty=())),
+            "config": ocp.args.JsonSave(json.loads(config_json)),
+        }
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
         self.mngr.save(step, args=ocp.args.Composite(**args), force=True)
@@ -62,33 +88,84 @@ class Checkpointer:
     def wait(self) -> None:
         self.mngr.wait_until_finished()
 
-    def restore(self, step: int, abstract_state, data_iter=None):
-        """(state, config dict) at `step`; data_iter (if given) is restored in place."""
-        args = {"state": ocp.args.StandardRestore(abstract_state), "config": ocp.args.JsonRestore()}
+    def restore(self, step: int, abstract_state, data_iter=None, upgrade=None):
+        """(state, config dict) at `step`; data_iter (if given) is restored in place.
+
+        `abstract_state` carries the target shardings. `upgrade` (llm/train/legacy.py) reads a
+        single-item checkpoint whose optimizer state has the earlier layout.
+        """
+        args: dict = {"config": ocp.args.JsonRestore()}
         data_state = None
         if data_iter is not None:
-            data_state = _other_process_count_data_state(os.path.join(self.directory, str(step), "data"))
+            data_state = _other_process_count_data_state(self._item_dir(step, "data"))
             if data_state is None:
                 args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        saved_keys = check_compatible(os.path.join(self.directory, str(step), "state"), abstract_state, step)
+        if self.is_legacy(step):
+            return self._restore_legacy(step, abstract_state, args, data_iter, data_state, upgrade)
+        # Leaves are named as in the train state (params.*, opt_state.*, step, monitor.*).
+        check_compatible(self._item_dir(step, "params"), abstract_state.params, step, "params")
+        check_compatible(self._item_dir(step, "opt_state"), abstract_state.opt_state, step, "opt_state")
+        train_keys = check_compatible(
+            self._item_dir(step, "train"), _train_tree(abstract_state, keep_empty=TRAIN_FIELDS), step
+        )
         # Restore into the fields the checkpoint has: an empty field (the loss-spike monitor when
-        # off) is absent from checkpoints written before it existed and present in some after.
-        args["state"] = ocp.args.StandardRestore(_state_tree(abstract_state, keep_empty=saved_keys))
-        try:
-            out = self.mngr.restore(step, args=ocp.args.Composite(**args))
-        except Exception as e:  # orbax raises many types for damaged directories
-            raise CheckpointCorrupt(f"checkpoint {self.directory}/{step} cannot be restored: {e}") from e
-        state = _from_state_tree(abstract_state, out["state"])
+        # off) is not saved; checkpoints with it saved empty restore too.
+        args["params"] = ocp.args.StandardRestore(abstract_state.params)
+        args["opt_state"] = ocp.args.StandardRestore(abstract_state.opt_state)
+        args["train"] = ocp.args.StandardRestore(_train_tree(abstract_state, keep_empty=train_keys))
+        out = self._restore_items(step, args)
+        state = abstract_state.replace(params=out["params"], opt_state=out["opt_state"], **out["train"])
         _verify(state, abstract_state, step)
         if data_state is not None:
             data_iter.set_state(data_state)
         return state, out["config"]
 
-    def restore_latest(self, abstract_state, data_iter=None):
+    def _restore_items(self, step: int, args: dict) -> dict:
+        try:
+            return self.mngr.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # orbax raises many types for damaged directories
+            raise CheckpointCorrupt(f"checkpoint {self.directory}/{step} cannot be restored: {e}") from e
+
+    def _restore_legacy(self, step, abstract_state, args, data_iter, data_state, upgrade):
+        state_dir = self._item_dir(step, LEGACY_STATE)
+        target = abstract_state
+        try:
+            saved_keys = check_compatible(state_dir, abstract_state, step)
+        except CheckpointMismatch:
+            # The optimizer state of the earlier layout (per-group AdamW states): read it as such.
+            if upgrade is None:
+                raise
+            target = upgrade.target(abstract_state)
+            saved_keys = check_compatible(state_dir, target, step)
+        args[LEGACY_STATE] = ocp.args.StandardRestore(_state_tree(target, keep_empty=saved_keys))
+        out = self._restore_items(step, args)
+        state = _from_state_tree(target, out[LEGACY_STATE])
+        if target is not abstract_state:
+            state = upgrade.convert(state, abstract_state)
+        _verify(state, abstract_state, step)
+        if data_state is not None:
+            data_iter.set_state(data_state)
+        return state, out["config"]
+
+    def restore_params(self, step: int, abstract_params):
+        """The parameters alone at `step`, into `abstract_params` (ShapeDtypeStructs with target
+        shardings). A checkpoint of another model shape is a CheckpointMismatch naming the
+        parameters that differ."""
+        if not self.is_legacy(step):
+            check_compatible(self._item_dir(step, "params"), abstract_params, step, "params")
+            return self._restore_items(step, {"params": ocp.args.StandardRestore(abstract_params)})["params"]
+        state_dir = self._item_dir(step, LEGACY_STATE)
+        check_compatible(state_dir, {"params": abstract_params}, step, only="params")
+        target = {"params": abstract_params}
+        restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)
+        item = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        return self._restore_items(step, {LEGACY_STATE: item})[LEGACY_STATE]["params"]
+
+    def restore_latest(self, abstract_state, data_iter=None, upgrade=None):
         """Newest restorable checkpoint, skipping damaged ones (reported by name); None if none."""
         for step in reversed(self.steps()):
             try:
-                state, cfg = self.restore(step, abstract_state, data_iter)
+                state, cfg = self.restore(step, abstract_state, data_iter, upgrade)
                 return step, state, cfg
             except CheckpointCorrupt as e:
                 log.error("%s; falling back to an older checkpoint", e)
@@ -149,6 +226,12 @@ def _state_tree(state, keep_empty) -> dict | object:
     return {k: v for k, v in fields.items() if k in keep_empty or not empty(v)}
 
 
+def _train_tree(state, keep_empty) -> dict:
+    """The "train" item: the train state's fields other than params and opt_state."""
+    tree = _state_tree(state, keep_empty)
+    return {k: v for k, v in tree.items() if k in TRAIN_FIELDS}
+
+
 def _from_state_tree(abstract_state, tree):
     if not dataclasses.is_dataclass(abstract_state):
         return tree
@@ -160,11 +243,14 @@ def _leaf_name(path) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def check_compatible(state_dir: str, abstract_state, step: int) -> set[str]:
-    """Compare the saved state's tree metadata with the target before reading any array.
+def check_compatible(state_dir: str, abstract_state, step: int, item: str | None = None,
+                     only: str | None = None) -> set[str]:  # fmt: skip
+    """Compare an item's saved tree metadata with the target before reading any array.
 
     Unreadable metadata is damage (CheckpointCorrupt: the caller falls back to an older step);
     readable metadata with other leaves/shapes/dtypes is a config change (CheckpointMismatch).
+    `item` prefixes the leaf names in the message; `only` compares that top-level key alone.
+    Returns the item's top-level keys.
     """
     try:
         meta = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
@@ -172,23 +258,37 @@ def check_compatible(state_dir: str, abstract_state, step: int) -> set[str]:
         saved = {_leaf_name(p): m for p, m in jax.tree_util.tree_leaves_with_path(meta_tree)}
     except Exception as e:  # noqa: BLE001 (missing/garbled _METADATA raises many types)
         raise CheckpointCorrupt(f"checkpoint {state_dir} has no readable metadata: {e!r}") from e
+    if not saved and not jax.tree.leaves(abstract_state):
+        return set()  # an item with nothing in it (an optimizer state of a fully frozen model)
     if not saved:
         raise CheckpointCorrupt(f"checkpoint {state_dir} has no arrays")
+    if only is not None:
+        saved = {k: m for k, m in saved.items() if k == only or k.startswith(only + ".")}
     want = {_leaf_name(p): a for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
-    problems = [f"missing in the checkpoint: {k}" for k in sorted(set(want) - set(saved))]
-    problems += [f"not in the current state: {k}" for k in sorted(set(saved) - set(want))]
+    if item:
+        saved = {f"{item}.{k}": m for k, m in saved.items()}
+        want = {f"{item}.{k}": a for k, a in want.items()}
+    # Shape/dtype differences first (they say most), then what is missing or extra, grouped.
+    problems = []
     for k in sorted(set(want) & set(saved)):
         a, m = want[k], saved[k]
         if tuple(m.shape) != tuple(a.shape) or jax.numpy.dtype(m.dtype) != jax.numpy.dtype(a.dtype):
             problems.append(f"{k}: saved {tuple(m.shape)} {m.dtype}, now {tuple(a.shape)} {a.dtype}")
+    for what, keys in (("missing in the checkpoint", set(want) - set(saved)),
+                       ("not in the current state", set(saved) - set(want))):  # fmt: skip
+        if keys:
+            keys = sorted(keys)
+            more = f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
+            problems.append(f"{what}: {', '.join(keys[:4])}{more}")
     if problems:
         shown = "; ".join(problems[:6]) + (
             f"; ... ({len(problems)} differences)" if len(problems) > 6 else ""
         )
         raise CheckpointMismatch(
-            f"checkpoint step {step} in {os.path.dirname(state_dir)} does not match the train state this "
+            f"checkpoint {os.path.dirname(state_dir)} does not match the train state this "
             f"config builds ({shown}). The optimizer, loss-spike or model flags differ from the run that "
-            "saved it: re-run with its flags (config.json in the workdir) or use a new --workdir"
+            "saved it: re-run with its flags (config.json in the workdir) or use a new --workdir",
+            problems=shown,
         )
     return set(meta_tree) if isinstance(meta_tree, dict) else set()
 

@@ -63,7 +63,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup and cosine decay; parameter groups decide weight decay."""
+    """AdamW with linear warmup and cosine decay; parameter groups (rules) decide decay, lr, freezing."""
 
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -75,10 +75,22 @@ class OptimConfig:
     clip_norm: float = 1.0  # global-norm clipping; 0 disables
     decay_embeddings: bool = False  # also decay embedding tables
     decay_norms_and_biases: bool = False
+    # Parameter groups as rules over parameter paths, first match per setting wins, e.g.
+    # ("infini/gate: lr_mult=100 decay=false", "^(embed|layer_0)/: frozen"); llm/train/optimizer.py.
+    groups: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        from llm.train.optimizer import parse_rule  # noqa: PLC0415 (import cycle)
+
+        for rule in self.groups:
+            parse_rule(rule)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    task: str = "lm"  # registry TASKS (llm/train/tasks.py): what a batch holds and what is minimised
+    # Start a new run from another run's parameters (fresh optimizer): "<run dir>[:step]".
+    init_from: str | None = None
     steps: int = 1000
     batch_size: int = 32  # global, in sequences
     grad_accum: int = 1  # micro-batches per step (batch_size must divide)
@@ -129,6 +141,9 @@ class RunConfig:
             raise ConfigError(f"train.spike_window={t.spike_window}: use 0 (off) or a window of >= 2 steps")
         if t.spike_sigmas <= 0:
             raise ConfigError(f"train.spike_sigmas={t.spike_sigmas} must be > 0 (standard deviations)")
+        from llm.train.tasks import TASKS  # noqa: PLC0415 (import cycle)
+
+        TASKS.get(t.task, "train.task")
         if t.nan_policy not in ("stop", "skip"):
             raise ConfigError(f"unknown train.nan_policy {t.nan_policy!r}; valid choices: stop, skip")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 
@@ -215,11 +216,30 @@ def constrain(x, names: tuple[str | None, ...]):
     )
 
 
-def batch_sharding(mesh: Mesh, rules: Mapping[str, str], ndim: int = 2) -> NamedSharding:
-    """Sharding of a [batch, ...] input array: batch over the data-parallel axes."""
-    axes = tuple(a for a in parse_axes(rules["batch"]) if mesh.shape[a] > 1)
-    lead = None if not axes else axes[0] if len(axes) == 1 else axes
-    return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
+def batch_sharding(
+    mesh: Mesh, rules: Mapping[str, str], names: tuple[str | None, ...] | int = 2
+) -> NamedSharding:
+    """Sharding of an input array with logical axis `names` (an int n: ("batch", None, ...) of n
+    dims). Divisibility is the caller's check (llm.train.loop.build: batch vs data parallelism)."""
+    if isinstance(names, int):
+        names = ("batch",) + (None,) * (names - 1)
+    spec = []
+    for name in names:
+        axes = tuple(a for a in parse_axes(rules.get(name, "") if name else "") if mesh.shape[a] > 1)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return NamedSharding(mesh, P(*spec))
+
+
+def jit(fn, mesh: Mesh, rules: Mapping[str, str], **jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)` whose tracing binds activation constraints (`constrain`) to this
+    mesh and rules: the one way the project jits a sharded computation."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with activate(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return jax.jit(traced, **jit_kwargs)
 
 
 def data_parallel_size(mesh: Mesh, rules: Mapping[str, str]) -> int:

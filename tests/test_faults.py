@@ -49,8 +49,8 @@ def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
     loop.train(cfg, wd)  # checkpoints at 4, 8, 12 (keep 3)
     ck = os.path.join(wd, "checkpoints")
     assert sorted(os.listdir(ck))[-3:] == ["12", "4", "8"] or {"4", "8", "12"} <= set(os.listdir(ck))
-    # Damage step 12: remove the array data of the state item.
-    state_dir = os.path.join(ck, "12", "state")
+    # Damage step 12: remove the array data of its parameters item.
+    state_dir = os.path.join(ck, "12", "params")
     for name in os.listdir(state_dir):
         p = os.path.join(state_dir, name)
         shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
@@ -245,15 +245,16 @@ def test_bad_spike_flags_are_rejected(window, sigmas, msg):
 
 def test_checkpoints_with_or_without_an_empty_state_field_restore(tmp_path):
     """Checkpoints written before the train state had `monitor` (no such key on disk) and ones
-    written with it empty both restore; an empty field is not saved at all."""
+    written with it empty both restore; an empty field is not saved at all. (Step 5 is written in
+    the single-item layout of the earlier checkpoints, with the field saved empty.)"""
     import orbax.checkpoint as ocp
     from etils import epath
 
     wd = str(tmp_path / "w")
     loop.train(run_cfg(**{"train.steps": 4}), wd)
     ck = os.path.join(wd, "checkpoints")
-    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(os.path.join(ck, "4", "state")))
-    assert "monitor" not in meta.tree and "opt_state" in meta.tree  # the pre-monitor layout
+    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(os.path.join(ck, "4", "train")))
+    assert "monitor" not in meta.tree and "step" in meta.tree  # the pre-monitor layout
     run = llm.load(wd)
     # The layout of a checkpoint saved with the empty field present, as step 5:
     c = Checkpointer(ck, async_save=False)

@@ -7,11 +7,11 @@ It owns everything impure (files, signals, the progress bar); the compiled work 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from typing import Any
@@ -21,13 +21,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llm import flops, sharding
-from llm.checkpoint import Checkpointer
-from llm.config import ConfigError, RunConfig
+from llm.checkpoint import Checkpointer, CheckpointMismatch
+from llm.config import ConfigError, RunConfig, from_dict
 from llm.data import pipeline, sources
+from llm.data.tokenizers import META_FILE as TOKENIZER_META
 from llm.data.tokenizers import Tokenizer, build_tokenizer
-from llm.model import ModelConfig, Transformer
-from llm.train import optimizer as optim_lib
+from llm.model import ModelConfig
 from llm.train import state as state_lib
+from llm.train.builder import Trainer, build_trainer
 from llm.train.metrics import MetricWriter
 from llm.train.profiling import StepProfiler
 from llm.train.step import eval_step, eval_summary, train_step
@@ -53,37 +54,26 @@ def resolve_vocab(model: ModelConfig, tok: Tokenizer) -> ModelConfig:
     return model
 
 
-def _in_context(fn, mesh, rules):
-    """Trace `fn` with activation sharding constraints bound to this mesh."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with sharding.activate(mesh, rules):
-            return fn(*args, **kwargs)
-
-    return wrapped
-
-
 @dataclasses.dataclass
 class Experiment:
-    """Everything a run needs, built once from a RunConfig (also handy in notebooks)."""
+    """Everything a run needs, built once from a RunConfig (also handy in notebooks): the data
+    and tokenizer here, model/optimizer/shardings in `trainer` (llm/train/builder.py)."""
 
     cfg: RunConfig
     workdir: str
-    mesh: Any
     tokenizer: Tokenizer
-    model: Transformer
     train_windows: pipeline.PackedWindows
     eval_windows: pipeline.PackedWindows
-    tx: Any
-    schedule: Any
-    abstract_state: Any
-    state_shardings: Any
-    batch_sharding: Any
+    trainer: Trainer
 
-    @property
-    def rules(self):
-        return self.cfg.mesh.rules
+    mesh = property(lambda self: self.trainer.mesh)
+    rules = property(lambda self: self.trainer.rules)
+    model = property(lambda self: self.trainer.model)
+    tx = property(lambda self: self.trainer.tx)
+    schedule = property(lambda self: self.trainer.schedule)
+    abstract_state = property(lambda self: self.trainer.abstract_state)
+    state_shardings = property(lambda self: self.trainer.state_shardings)
+    batch_shardings = property(lambda self: self.trainer.batch_shardings)
 
 
 def build(cfg: RunConfig, workdir: str, devices=None) -> Experiment:
@@ -109,6 +99,8 @@ def build(cfg: RunConfig, workdir: str, devices=None) -> Experiment:
     else:
         train_docs, eval_docs = sources.split_documents(docs, cfg.data.eval_fraction)
     if jax.process_index() == 0:
+        if cfg.train.init_from:
+            copy_tokenizer(parse_init_from(cfg.train.init_from)[0], workdir)
         build_tokenizer(cfg.data.tokenizer, workdir, train_docs).save(workdir)
     if jax.process_count() > 1:
         # Other processes read the tokenizer only after process 0 has written it (reading during the
@@ -124,41 +116,23 @@ def build(cfg: RunConfig, workdir: str, devices=None) -> Experiment:
     if len(eval_w) == 0:
         raise ValueError("the held-out split is empty; raise data.eval_fraction or set data.eval_corpus")
 
-    model = Transformer(model_cfg)
-    tx, schedule = optim_lib.make_optimizer(cfg.optim, cfg.train.steps)
-    abstract, shardings = state_lib.state_shardings(model, tx, t, mesh, rules, cfg.train.spike_window)
-    return Experiment(
-        cfg=cfg, workdir=workdir, mesh=mesh, tokenizer=tok, model=model, train_windows=train_w,
-        eval_windows=eval_w, tx=tx, schedule=schedule, abstract_state=abstract,
-        state_shardings=shardings, batch_sharding=sharding.batch_sharding(mesh, rules),
-    )  # fmt: skip
+    return Experiment(cfg=cfg, workdir=workdir, tokenizer=tok, train_windows=train_w, eval_windows=eval_w,
+                      trainer=build_trainer(cfg, mesh))  # fmt: skip
 
 
 def to_global(exp: Experiment, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays sharded over the data-parallel mesh axes."""
-    return {k: jax.make_array_from_process_local_data(exp.batch_sharding, v) for k, v in local_batch.items()}
+    """This process's rows -> global arrays, each field sharded by its logical axes."""
+    shardings = exp.batch_shardings
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local_batch.items()}
 
 
 def compile_steps(exp: Experiment):
-    """Jitted train and eval steps with explicit shardings; the train state is donated."""
-    cfg = exp.cfg
-    step = functools.partial(train_step, model=exp.model, tx=exp.tx, schedule=exp.schedule,
-                             grad_accum=cfg.train.grad_accum, spike_sigmas=cfg.train.spike_sigmas)  # fmt: skip
-    batch_sh = {k: exp.batch_sharding for k in pipeline.FIELDS}
-    train_fn = jax.jit(
-        _in_context(step, exp.mesh, exp.rules),
-        in_shardings=(exp.state_shardings, batch_sh),
-        out_shardings=(exp.state_shardings, None),
-        donate_argnums=0,
+    """Jitted train and eval steps with explicit shardings; the train state is donated.
+
+    (The step functions are looked up here, in this module, so tests can substitute them.)"""
+    return exp.trainer.jit_train_step(train_step), exp.trainer.jit_eval_step(
+        exp.tokenizer.token_bytes, eval_step
     )
-    token_bytes = jax.numpy.asarray(exp.tokenizer.token_bytes)
-    token_bytes = jax.numpy.pad(token_bytes, (0, exp.model.cfg.vocab_size - len(token_bytes)))
-    ev = functools.partial(eval_step, model=exp.model, token_bytes=token_bytes)
-    eval_fn = jax.jit(
-        _in_context(ev, exp.mesh, exp.rules),
-        in_shardings=(exp.state_shardings.params, batch_sh),
-    )
-    return train_fn, eval_fn
 
 
 def evaluate(exp: Experiment, eval_fn, params) -> dict[str, float]:
@@ -227,7 +201,7 @@ def _save(ckpt: Checkpointer, step: int, state, data_it, cfg: RunConfig, wait: b
 def check_same_model(saved: dict, cfg: RunConfig, directory: str) -> None:
     """A checkpoint from another model shape is refused with the differing fields."""
     cur = json.loads(cfg.to_json())["model"]
-    old = saved.get("model", {})
+    old = _normalised_model(saved.get("model", {}))
     diff = sorted(k for k in set(cur) | set(old) if cur.get(k) != old.get(k)
                   and k not in ("dtype", "remat", "scan_layers", "dropout"))  # fmt: skip
     # scan_layers changes the params tree layout, so it does matter for restoring:
@@ -239,6 +213,63 @@ def check_same_model(saved: dict, cfg: RunConfig, directory: str) -> None:
             + ", ".join(f"model.{k}={old.get(k)!r} (now {cur.get(k)!r})" for k in diff)
             + "; use a new --workdir or the original flags"
         )
+
+
+def _normalised_model(saved_model: dict) -> dict:
+    """A saved model config with today's defaults for the fields added since it was written."""
+    try:
+        return json.loads(json.dumps(dataclasses.asdict(from_dict(ModelConfig, saved_model))))
+    except ConfigError:
+        return saved_model
+
+
+def parse_init_from(spec: str) -> tuple[str, int | None]:
+    """'<run dir>[:step]' -> (run dir, step or None for the newest)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail.isdigit():
+        return head, int(tail)
+    return spec, None
+
+
+def copy_tokenizer(src_workdir: str, workdir: str) -> None:
+    """A new run initialised from another's parameters must read text as that run did: its
+    tokenizer files are copied in (unless this workdir already has its own, e.g. on resume)."""
+    if os.path.exists(os.path.join(workdir, TOKENIZER_META)):
+        return
+    if not os.path.exists(os.path.join(src_workdir, TOKENIZER_META)):
+        raise FileNotFoundError(
+            f"train.init_from={src_workdir}: no tokenizer there (expected {TOKENIZER_META})"
+        )
+    os.makedirs(workdir, exist_ok=True)
+    for name in os.listdir(src_workdir):
+        if name.startswith("tokenizer."):
+            shutil.copy2(os.path.join(src_workdir, name), os.path.join(workdir, name))
+
+
+def init_params_from(spec: str, trainer: Trainer):
+    """Parameters of another run (`train.init_from`), restored straight into this run's shardings."""
+    src, step = parse_init_from(spec)
+    ckpt = Checkpointer(os.path.join(src, "checkpoints"), async_save=False)
+    try:
+        steps = ckpt.steps()
+        if not steps:
+            raise FileNotFoundError(f"train.init_from={spec}: no checkpoint in {src}/checkpoints")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(
+                f"train.init_from={spec}: no checkpoint for step {step}; available: {steps}"
+            )
+        try:
+            params = ckpt.restore_params(step, trainer.params_target())
+        except CheckpointMismatch as e:
+            raise ConfigError(
+                f"train.init_from={spec}: its parameters do not fit this model ({e.problems}); "
+                f"start from a run of the same model shape (see its config.json)"
+            ) from e
+    finally:
+        ckpt.close()
+    log.info("initialised the parameters from %s step %d", src, step)
+    return params, step
 
 
 def train(cfg: RunConfig, workdir: str, stop_at: int | None = None) -> dict[str, Any]:
@@ -267,14 +298,19 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
                                      jax.process_index(), jax.process_count(),
                                      shift_windows=cfg.data.shift_windows)  # fmt: skip
     data_it = pipeline.train_iterator(data_ds, cfg.data.worker_threads)
-    abstract = state_lib.sharded_target(exp.abstract_state, exp.state_shardings)
+    abstract = exp.trainer.restore_target()
     if ckpt.steps():
         check_same_model(ckpt.read_config(), cfg, ckpt.directory)
-    restored = ckpt.restore_latest(abstract, data_it)
+    restored = ckpt.restore_latest(abstract, data_it, upgrade=exp.trainer.upgrade())
     if restored is None:
-        state = state_lib.create_state(exp.model, exp.tx, cfg.data.seq_len, exp.mesh, exp.rules, cfg.train.seed,
-                                       cfg.train.spike_window)  # fmt: skip
+        state = exp.trainer.init_state()
         start = 0
+        if cfg.train.init_from:
+            params, src_step = init_params_from(cfg.train.init_from, exp.trainer)
+            state = state.replace(params=params)
+            if is_main:
+                print(f"initialised the parameters from {cfg.train.init_from} (step {src_step}); "
+                      f"fresh optimizer state", flush=True)  # fmt: skip
     else:
         start, state, _ = restored
         log.info("resumed from checkpoint step %d", start)

@@ -1,48 +1,135 @@
-"""optax AdamW built from parameter groups, with warmup + cosine decay and global-norm clipping.
+"""The optimizer: AdamW with warmup + cosine decay, global-norm clipping, and parameter groups as data.
 
-Groups are data: `param_group(path)` names the group of each parameter and `group_settings` gives
-each group its weight decay and learning-rate multiplier, so a new group (e.g. an Infini gate
-with its own learning rate) is one entry, not a new optimizer.
+Groups are rules over parameter paths (`layer_0/attn/query/kernel`), not optimizer branches:
+`optim.groups` holds rules such as
+
+    "infini/gate: lr_mult=100 decay=false"     # a gate with its own learning rate, no decay
+    "^(embed|layer_[0-3])/: frozen"            # freeze the embeddings and the first four layers
+
+Each rule is `<regex searched in the path>: <setting>...` with the settings `lr_mult=<float>`,
+`decay=<true|false>` (decoupled weight decay at optim.weight_decay) and `frozen` (no update and
+no Adam moments). For every parameter and every setting, the first rule that matches the path
+and names the setting decides; the user's rules come first, then the built-in ones, which
+reproduce the classic grouping: no decay on embeddings (unless optim.decay_embeddings), norms
+and biases (unless optim.decay_norms_and_biases), decay on the other matrices.
+
+One Adam state covers every trainable parameter, so changing a multiplier or a decay setting
+does not change the optimizer-state tree (checkpoints stay compatible); only freezing does.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import jax
+import jax.numpy as jnp
 import optax
 
 from llm.config import OptimConfig
+from llm.registry import ConfigError
+from llm.sharding import path_str
 
-EMBEDDINGS = ("embed", "pos_embed")
-
-
-def _keys(path) -> list[str]:
-    """Dict keys of a pytree path (skipping box attributes such as `.value`)."""
-    return [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+SETTINGS = ("lr_mult", "decay", "frozen")
 
 
-def param_group(path: list[str]) -> str:
-    """'embedding', 'norm_or_bias' or 'matrix', from a parameter's path in the params tree."""
-    if any(k in EMBEDDINGS for k in path):
-        return "embedding"
-    if path and (path[-1] in ("bias", "scale")):
-        return "norm_or_bias"
-    return "matrix"
+@dataclasses.dataclass(frozen=True)
+class GroupRule:
+    """A pattern over parameter paths and the settings it decides (None = leaves it to later rules)."""
+
+    pattern: str
+    lr_mult: float | None = None
+    decay: bool | None = None
+    frozen: bool | None = None
+
+    def matches(self, path: str) -> bool:
+        return re.search(self.pattern, path) is not None
 
 
-def group_settings(cfg: OptimConfig) -> dict[str, dict[str, float]]:
-    return {
-        "matrix": {"weight_decay": cfg.weight_decay, "lr_mult": 1.0},
-        "embedding": {"weight_decay": cfg.weight_decay if cfg.decay_embeddings else 0.0, "lr_mult": 1.0},
-        "norm_or_bias": {
-            "weight_decay": cfg.weight_decay if cfg.decay_norms_and_biases else 0.0,
-            "lr_mult": 1.0,
-        },
-    }
+def parse_rule(text: str) -> GroupRule:
+    """'<regex>: lr_mult=10 decay=false frozen' -> GroupRule; errors name the rule and the syntax."""
+    pattern, sep, rest = text.rpartition(":")
+    pattern = pattern.strip()
+    if not sep or not pattern:
+        raise ConfigError(
+            f"optim.groups rule {text!r}: write '<regex>: lr_mult=<x> decay=<true|false> frozen'"
+        )
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"optim.groups rule {text!r}: bad regex {pattern!r} ({e})") from e
+    kw: dict = {}
+    for item in rest.replace(",", " ").split():
+        key, eq, value = item.partition("=")
+        if key not in SETTINGS:
+            raise ConfigError(
+                f"optim.groups rule {text!r}: unknown setting {key!r}; valid: {', '.join(SETTINGS)}"
+            )
+        if key == "lr_mult":
+            try:
+                kw[key] = float(value)
+            except ValueError:
+                raise ConfigError(
+                    f"optim.groups rule {text!r}: lr_mult needs a number, got {value!r}"
+                ) from None
+        else:
+            v = value.lower() if eq else "true"
+            if v not in ("true", "false"):
+                raise ConfigError(f"optim.groups rule {text!r}: {key} is true or false, got {value!r}")
+            kw[key] = v == "true"
+    if not kw:
+        raise ConfigError(f"optim.groups rule {text!r} sets nothing; add lr_mult=, decay= or frozen")
+    return GroupRule(pattern, **kw)
 
 
-def param_labels(params):
-    """Pytree of group names, same structure as `params` (boxed or not)."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: param_group(_keys(p)), params)
+def rules(cfg: OptimConfig) -> list[GroupRule]:
+    """The user's rules (optim.groups), then the built-in ones (the classic decay grouping)."""
+    return [parse_rule(r) for r in cfg.groups] + [
+        GroupRule(r"(^|/)(embed|pos_embed)(/|$)", decay=cfg.decay_embeddings),
+        GroupRule(r"/(bias|scale)$", decay=cfg.decay_norms_and_biases),
+        GroupRule(r"", lr_mult=1.0, decay=True, frozen=False),
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the optimizer does to one parameter (a pytree leaf: not registered as a node)."""
+
+    lr_mult: float
+    decay: bool
+    frozen: bool
+
+
+def settings_for(path: str, rule_list: list[GroupRule]) -> Settings:
+    """The settings of the parameter at `path`: per setting, the first rule that names it."""
+    return Settings(**{
+        name: next(getattr(r, name) for r in rule_list if getattr(r, name) is not None and r.matches(path))
+        for name in SETTINGS
+    })  # fmt: skip
+
+
+def param_settings(params, cfg: OptimConfig):
+    """Pytree of `Settings`, same structure as `params` (boxed or not)."""
+    rule_list = rules(cfg)
+    return jax.tree_util.tree_map_with_path(lambda p, _: settings_for(path_str(p), rule_list), params)
+
+
+def _mask(cfg: OptimConfig, setting: str, value=True):
+    return lambda params: jax.tree.map(lambda s: getattr(s, setting) == value, param_settings(params, cfg))
+
+
+def scale_by_lr_mult(cfg: OptimConfig) -> optax.GradientTransformation:
+    """Multiply each update by its parameter's lr_mult (stateless)."""
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("scale_by_lr_mult needs the params to know each parameter's path")
+        mults = jax.tree.map(lambda s: s.lr_mult, param_settings(params, cfg))
+        return jax.tree.map(
+            lambda u, m: u if m == 1.0 else u * jnp.asarray(m, u.dtype), updates, mults
+        ), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -54,17 +141,27 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optax transformation, learning-rate schedule) for these settings and run length.
+
+    The chain: [zero the gradients of frozen parameters] -> clip by global norm -> Adam moments
+    -> decoupled weight decay where `decay` -> x -lr(step) -> [x lr_mult]. With frozen rules the
+    Adam part is masked to the trainable parameters (frozen ones carry no moments).
+    """
     schedule = make_schedule(cfg, total_steps)
-    groups = {
-        name: optax.adamw(
-            lambda step, m=s["lr_mult"]: schedule(step) * m,
-            b1=cfg.b1,
-            b2=cfg.b2,
-            eps=cfg.eps,
-            weight_decay=s["weight_decay"],
-        )  # fmt: skip
-        for name, s in group_settings(cfg).items()
-    }
-    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-    parts.append(optax.multi_transform(groups, param_labels))
+    user = [parse_rule(r) for r in cfg.groups]
+    adam = [
+        optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+        optax.add_decayed_weights(cfg.weight_decay, mask=_mask(cfg, "decay")),
+        optax.scale_by_learning_rate(schedule),
+    ]
+    if any(r.lr_mult is not None and r.lr_mult != 1.0 for r in user):
+        adam.append(scale_by_lr_mult(cfg))
+    adam = optax.chain(*adam)
+    parts = []
+    if any(r.frozen for r in user):
+        parts.append(optax.masked(optax.set_to_zero(), _mask(cfg, "frozen")))
+        adam = optax.masked(adam, _mask(cfg, "frozen", False))
+    if cfg.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts.append(adam)
     return optax.chain(*parts), schedule

@@ -56,26 +56,9 @@ def state_shardings(model, tx, seq_len: int, mesh, rules, spike_window: int = 0)
     init = init_fn(model, tx, seq_len, spike_window)
     boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
     abstract = nn.meta.unbox(boxed)
-    params_sh = sharding.tree_shardings(nn.get_partition_spec(boxed.params), abstract.params, mesh, rules)
-    # Optimizer moments mirror the params tree: a leaf whose dict-key path is a parameter's path
-    # takes that parameter's sharding; everything else (counts, scalars) is replicated.
-    by_path = {_dict_path(p): s for p, s in jax.tree_util.tree_leaves_with_path(params_sh)}
+    params_sh = param_shardings(model, seq_len, mesh, rules, boxed.params)
+    opt_sh = opt_state_shardings(abstract.opt_state, abstract.params, params_sh, mesh)
     replicated = NamedSharding(mesh, P())
-
-    shapes = {_dict_path(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(abstract.params)}
-
-    def param_path(path) -> tuple[str, ...] | None:
-        # Wrappers put dict keys in front of the params tree (multi_transform's
-        # inner_states['matrix'].mu[...]): match the longest suffix that names a parameter, or
-        # every Adam moment would silently stay replicated under FSDP.
-        keys = _dict_path(path)
-        return next((keys[i:] for i in range(len(keys)) if keys[i:] in by_path), None)
-
-    def leaf_sharding(path, leaf):
-        key = param_path(path)
-        return by_path[key] if key is not None and leaf.shape == shapes[key] else replicated
-
-    opt_sh = jax.tree_util.tree_map_with_path(leaf_sharding, abstract.opt_state)
     shardings = abstract.replace(
         step=replicated,
         params=params_sh,
@@ -85,6 +68,44 @@ def state_shardings(model, tx, seq_len: int, mesh, rules, spike_window: int = 0)
         monitor=jax.tree.map(lambda _: replicated, abstract.monitor),
     )
     return abstract, shardings
+
+
+def param_shardings(model, seq_len: int, mesh, rules, boxed_params=None):
+    """NamedShardings of the model's parameters, from their logical axis names (no optimizer)."""
+    if boxed_params is None:
+        dummy = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+        boxed_params = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), dummy)["params"]
+    abstract = nn.meta.unbox(boxed_params)
+    return sharding.tree_shardings(nn.get_partition_spec(boxed_params), abstract, mesh, rules)
+
+
+def abstract_params(model, seq_len: int, mesh, rules):
+    """ShapeDtypeStructs of the parameters carrying their target shardings (what to restore into)."""
+    dummy = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    boxed = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), dummy)["params"]
+    return sharded_target(nn.meta.unbox(boxed), param_shardings(model, seq_len, mesh, rules, boxed))
+
+
+def opt_state_shardings(abstract_opt, abstract_params_tree, params_sh, mesh):
+    """Optimizer-state shardings: moments mirror the params tree (a leaf whose dict-key path ends
+    in a parameter's path, with its shape, takes that parameter's sharding); counts and scalars
+    are replicated."""
+    by_path = {_dict_path(p): s for p, s in jax.tree_util.tree_leaves_with_path(params_sh)}
+    shapes = {_dict_path(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(abstract_params_tree)}
+    replicated = NamedSharding(mesh, P())
+
+    def param_path(path) -> tuple[str, ...] | None:
+        # Wrappers put dict keys in front of the params tree (a masked or multi_transform state's
+        # inner_states['matrix'].mu[...]): match the longest suffix that names a parameter, or
+        # every Adam moment would silently stay replicated under FSDP.
+        keys = _dict_path(path)
+        return next((keys[i:] for i in range(len(keys)) if keys[i:] in by_path), None)
+
+    def leaf_sharding(path, leaf):
+        key = param_path(path)
+        return by_path[key] if key is not None and leaf.shape == shapes[key] else replicated
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_opt)
 
 
 def sharded_target(abstract_state, shardings):

@@ -46,18 +46,33 @@ def _loss(params, model, batch, rng, n_tokens, aux_weight):
     return nll + aux_weight * aux_total, (nll, aux)
 
 
+def scored_tokens(batch):
+    """Tokens whose targets are scored (the LM loss's normaliser), at least 1."""
+    return jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)
+
+
 def train_step(
-    state: TrainState, batch, *, model, tx, schedule, grad_accum: int = 1, spike_sigmas: float = 6.0
+    state: TrainState,
+    batch,
+    *,
+    model,
+    tx,
+    schedule,
+    grad_accum: int = 1,
+    spike_sigmas: float = 6.0,
+    task=None,
 ):
     """One optimizer update on a global batch (optionally in `grad_accum` micro-batches).
 
+    `task` (llm/train/tasks.py; default language modelling) gives the loss and its normaliser.
     A non-finite loss or gradient leaves params and optimizer state untouched and counts a skip;
     the host loop decides (train.nan_policy) whether to stop or go on. With a loss-spike monitor
     in the state (train.spike_window > 0) a spiking loss is skipped the same way.
     """
-    n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1).astype(jnp.float32)
+    normaliser, loss_fn = (scored_tokens, _loss) if task is None else (task.normaliser, task.loss)
+    n_tokens = normaliser(batch)
     rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum == 1:
         (loss, (nll, aux)), grads = grad_fn(state.params, model, batch, rng, n_tokens, 1.0)
     else:
@@ -78,7 +93,7 @@ def train_step(
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         first = jax.tree.map(lambda x: x[0], micro)
-        loss_shape = lambda p, b: _loss(p, model, b, rng, n_tokens, 1.0)  # noqa: E731
+        loss_shape = lambda p, b: loss_fn(p, model, b, rng, n_tokens, 1.0)  # noqa: E731
         _, (_, aux0) = jax.eval_shape(loss_shape, state.params, first)
         aux_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
         (grads, loss, nll, aux), _ = jax.lax.scan(

@@ -1,0 +1,107 @@
+"""One place that turns a RunConfig and a mesh into a model, an optimizer, sharded state and
+jitted steps. The host loop, `llm.load` (params only) and the AOT fit check all build here, so
+they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from llm import sharding
+from llm.config import ConfigError, RunConfig
+from llm.model import Transformer
+from llm.train import optimizer as optim_lib
+from llm.train import state as state_lib
+from llm.train import step as step_lib
+from llm.train import tasks
+from llm.train.legacy import OptimizerUpgrade
+
+
+def build_model(cfg: RunConfig) -> Transformer:
+    if cfg.model.vocab_size is None:
+        raise ConfigError("model.vocab_size is unset (it normally comes from the tokenizer); pass "
+                          "--config.model.vocab_size=<n>")  # fmt: skip
+    return Transformer(cfg.model)
+
+
+def params_target(cfg: RunConfig, mesh: Mesh, model: Transformer | None = None):
+    """The parameters' ShapeDtypeStructs with their shardings on `mesh`: a params-only restore target."""
+    model = model or build_model(cfg)
+    return state_lib.abstract_params(model, cfg.data.seq_len, mesh, cfg.mesh.rules)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Model, optimizer, task and the sharded abstract train state of one run on one mesh."""
+
+    cfg: RunConfig
+    mesh: Mesh
+    model: Transformer
+    tx: Any
+    schedule: Any
+    task: tasks.Task
+    abstract_state: Any
+    state_shardings: Any
+
+    @property
+    def rules(self):
+        return self.cfg.mesh.rules
+
+    @property
+    def batch_shardings(self) -> dict[str, jax.sharding.NamedSharding]:
+        """Each batch field's sharding, from the logical axes the task gives it."""
+        return {
+            k: sharding.batch_sharding(self.mesh, self.rules, names) for k, names in self.task.fields.items()
+        }
+
+    def restore_target(self):
+        """The abstract train state carrying its shardings (what a checkpoint restores into)."""
+        return state_lib.sharded_target(self.abstract_state, self.state_shardings)
+
+    def params_target(self):
+        return state_lib.sharded_target(self.abstract_state.params, self.state_shardings.params)
+
+    def upgrade(self) -> OptimizerUpgrade:
+        """Reads checkpoints whose optimizer state has the earlier layout (llm/train/legacy.py)."""
+        return OptimizerUpgrade(self.cfg.optim, self.schedule, self.mesh)
+
+    def init_state(self, seed: int | None = None):
+        """A fresh train state, initialised directly into its shardings."""
+        c = self.cfg
+        seed = c.train.seed if seed is None else seed
+        return state_lib.create_state(self.model, self.tx, c.data.seq_len, self.mesh, self.rules, seed,
+                                      c.train.spike_window)  # fmt: skip
+
+    def jit_train_step(self, step_fn=step_lib.train_step):
+        """(state, batch) -> (state, metrics), explicit shardings, the state donated."""
+        c = self.cfg
+        fn = functools.partial(step_fn, model=self.model, tx=self.tx, schedule=self.schedule,
+                               grad_accum=c.train.grad_accum, spike_sigmas=c.train.spike_sigmas,
+                               **({} if self.task.name == "lm" else {"task": self.task}))  # fmt: skip
+        return sharding.jit(fn, self.mesh, self.rules, in_shardings=(self.state_shardings, self.batch_shardings),
+                            out_shardings=(self.state_shardings, None), donate_argnums=0)  # fmt: skip
+
+    def jit_eval_step(self, token_bytes, step_fn=None):
+        """(params, batch) -> sums for `eval_summary`; token_bytes [<= V] is the bytes per id."""
+        token_bytes = jnp.asarray(token_bytes)
+        token_bytes = jnp.pad(token_bytes, (0, self.model.cfg.vocab_size - len(token_bytes)))
+        fn = functools.partial(step_fn or self.task.eval_sums, model=self.model, token_bytes=token_bytes)
+        return sharding.jit(
+            fn, self.mesh, self.rules, in_shardings=(self.state_shardings.params, self.batch_shardings)
+        )
+
+
+def build_trainer(cfg: RunConfig, mesh: Mesh) -> Trainer:
+    """The run's model, optimizer, task and sharded abstract state (no data, nothing allocated)."""
+    model = build_model(cfg)
+    tx, schedule = optim_lib.make_optimizer(cfg.optim, cfg.train.steps)
+    abstract, shardings = state_lib.state_shardings(model, tx, cfg.data.seq_len, mesh, cfg.mesh.rules,
+                                                    cfg.train.spike_window)  # fmt: skip
+    return Trainer(cfg=cfg, mesh=mesh, model=model, tx=tx, schedule=schedule, task=tasks.get(cfg.train.task),
+                   abstract_state=abstract, state_shardings=shardings)  # fmt: skip
