@@ -19,22 +19,26 @@ from llm.model.config import AttentionConfig, ModelConfig
 from llm.registry import ConfigError, did_you_mean
 from llm.sharding import MeshConfig
 
-TOKENIZER_KINDS = ("sentencepiece", "byte")
 SP_MODEL_TYPES = ("bpe", "unigram")
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    kind: str = "sentencepiece"  # sentencepiece | byte
+    kind: str = "sentencepiece"  # registry TOKENIZERS (llm/data/tokenizers.py): sentencepiece | byte
     vocab_size: int = 2048  # sentencepiece only
     model_type: str = "bpe"  # bpe | unigram
     byte_fallback: bool = True
     path: str | None = None  # an existing .model file to use instead of training one
+    # Named special tokens added to pad/eos/bos, e.g. ("<pause>",): ids of their own, 0 bytes of text.
+    special_tokens: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if self.kind not in TOKENIZER_KINDS:
+        from llm.data.tokenizers import TOKENIZERS  # noqa: PLC0415 (import cycle)
+
+        kinds = TOKENIZERS.names(sort=False)
+        if self.kind not in kinds:
             raise ConfigError(f"unknown data.tokenizer.kind {self.kind!r}; valid choices: "
-                              f"{', '.join(TOKENIZER_KINDS)}." + did_you_mean(self.kind, list(TOKENIZER_KINDS)))  # fmt: skip
+                              f"{', '.join(kinds)}." + did_you_mean(self.kind, kinds))  # fmt: skip
         if self.model_type not in SP_MODEL_TYPES:
             raise ConfigError(f"unknown data.tokenizer.model_type {self.model_type!r}; valid "
                               f"choices: {', '.join(SP_MODEL_TYPES)}")  # fmt: skip

@@ -34,8 +34,9 @@ class Registry(Generic[T]):
 
         return deco
 
-    def names(self) -> list[str]:
-        return sorted(self._items)
+    def names(self, sort: bool = True) -> list[str]:
+        """The registered names, sorted (or in registration order: the default kind first)."""
+        return sorted(self._items) if sort else list(self._items)
 
     def __contains__(self, name: str) -> bool:
         return name in self._items

@@ -153,3 +153,58 @@ def test_shifted_windows_cover_each_epoch_from_a_new_offset():
         assert sorted(int(r[0] // 8) for r in rows[e * 9 : (e + 1) * 9]) == list(range(9))
     for r in rows:  # contiguous text, targets shifted by one
         np.testing.assert_array_equal(r, np.arange(r[0], r[0] + 8))
+
+
+# ---- the tokenizer registry and named special tokens --------------------------------------------
+
+
+def test_special_tokens_have_ids_of_their_own_and_no_bytes(tmp_path):
+    docs = sources.read_documents(VERDICT)
+    cfg = TokenizerConfig(vocab_size=400, special_tokens=("<pause>", "<sep>"))
+    tok = train_sentencepiece(docs, cfg)
+    pause, sep = tok.special_id("<pause>"), tok.special_id("<sep>")
+    assert len({pause, sep, tok.pad_id, tok.eos_id, tok.bos_id}) == 5
+    ids = tok.encode("I had<pause> always")
+    assert ids.count(pause) == 1 and tok.decode(ids) == "I had<pause> always"
+    assert tok.token_bytes[pause] == 0 and tok.token_bytes[sep] == 0  # bits per byte counts text only
+    assert int(tok.token_bytes[ids].sum()) == len("I had always")
+    tok.save(str(tmp_path))
+    again = load_tokenizer(str(tmp_path))
+    assert again.special == tok.special
+    with pytest.raises(
+        KeyError, match=r"no special token '<mask>'; it has \['<pause>', '<sep>', 'bos', 'eos', 'pad'\]"
+    ):
+        tok.special_id("<mask>")
+    # A run dir whose tokenizer lacks a requested special token is refused, not silently reused.
+    with pytest.raises(Exception, match=r"without the special tokens \['<mask>'\]"):
+        build_tokenizer(TokenizerConfig(special_tokens=("<mask>",)), str(tmp_path), docs)
+    bt = ByteTokenizer(("<pause>",))
+    assert (bt.vocab_size, bt.special_id("<pause>"), bt.token_bytes[258]) == (259, 258, 0)
+    bt.save(str(tmp_path / "b"))
+    assert load_tokenizer(str(tmp_path / "b")).special == bt.special
+
+
+def test_a_new_tokenizer_kind_is_one_registered_class(tmp_path):
+    """The seam for GPT-2 BPE / Hugging Face tokenizers: subclass, register, and the config, the
+    run directory and loading find it."""
+    from llm.data.tokenizers import TOKENIZERS
+
+    if "test_shifted_bytes" not in TOKENIZERS:
+
+        @TOKENIZERS.register("test_shifted_bytes")
+        class Shifted(ByteTokenizer):
+            kind = "test_shifted_bytes"
+
+            def encode(self, text):
+                return [(b + 1) % 256 for b in text.encode("utf-8")]
+
+            def decode(self, ids):
+                return bytes((int(i) - 1) % 256 for i in ids if 0 <= int(i) < 256).decode("utf-8", "replace")
+
+    cfg = TokenizerConfig(kind="test_shifted_bytes")
+    tok = build_tokenizer(cfg, str(tmp_path), ["unused"])
+    assert tok.encode("a") == [ord("a") + 1] and tok.decode(tok.encode("hé")) == "hé"
+    tok.save(str(tmp_path))
+    assert type(load_tokenizer(str(tmp_path))).__name__ == "Shifted"
+    with pytest.raises(Exception, match="valid choices: sentencepiece, byte, test_shifted_bytes"):
+        TokenizerConfig(kind="bpe")

@@ -8,18 +8,15 @@ classification, instruction tuning and preference tuning register here.
 
 from __future__ import annotations
 
+from llm.data import pipeline
 from llm.registry import Registry
 from llm.train import step as step_lib
 
 TASKS: Registry = Registry("task")
 
-LM_FIELDS: dict[str, tuple[str, ...]] = {
-    "tokens": ("batch", "length"),
-    "targets": ("batch", "length"),
-    "positions": ("batch", "length"),
-    "segment_ids": ("batch", "length"),
-    "loss_mask": ("batch", "length"),  # 1 where the target is scored (same document, not padding)
-}
+# What the packing pipeline yields (llm/data/pipeline.py): tokens, targets, positions, segment ids
+# and the loss mask (1 where the target is scored), each [batch, length].
+LM_FIELDS: dict[str, tuple[str, ...]] = {k: ("batch", "length") for k in pipeline.FIELDS}
 
 
 class Task:
