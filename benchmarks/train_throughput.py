@@ -5,8 +5,9 @@ Run (idle machine):
   .venv/bin/python benchmarks/train_throughput.py --precision=bf16
   .venv/bin/python benchmarks/train_throughput.py --quick              # seconds: checks it works
 Options: --configs=gpt12m,shakespeare,gpt100m --repeats=5 --variant 'NAME:SETTINGS' (extra JAX
-variants to compare, e.g. 'dev1:devices=1', 'nokeep:keepmem=0' or 'einsum:model.attention.impl=einsum';
-see --help). --no-torch-keepmem skips timing PyTorch with the project's malloc setting (llm/hostmem.py).
+variants to compare, e.g. 'dev1:devices=1', 'nokeep:keepmem=0', 'einsum:model.attention.impl=einsum'
+or 'old:repo=/path/to/another/checkout' for a commit A/B; see --help). --no-torch-keepmem skips timing
+PyTorch with the project's malloc setting (llm/hostmem.py); --no-torch skips PyTorch altogether.
 
 Each framework runs in its own worker process: the JAX one builds the step exactly as `llm.train`
 does (configs/shakespeare.py with the model shape overridden -> llm.train.loop.build ->
@@ -41,6 +42,8 @@ WORKER_ENV = {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
 
 def jax_worker(config: str, precision: str, settings: str, cache: bool) -> None:
     opts = parse_settings(settings)
+    if "repo" in opts:  # A/B across commits: import llm/ and configs/ from another checkout
+        sys.path.insert(0, os.path.abspath(opts.pop("repo")))
     if "devices" in opts:
         os.environ["LLM_CPU_DEVICES"] = opts.pop("devices")
     if "keepmem" in opts:  # A/B of llm/hostmem.py: keepmem=0 runs with glibc's default malloc settings
@@ -113,6 +116,7 @@ def jax_worker(config: str, precision: str, settings: str, cache: bool) -> None:
             "n_params": state_lib.count_params(state.params), "devices": len(jax.devices()),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__,
             "attention_impl": cfg.model.attention.impl, "remat": cfg.model.remat,
+            "code": os.path.dirname(os.path.dirname(os.path.abspath(loop.__file__))),
         }  # fmt: skip
 
     def steps(n: int):
@@ -235,6 +239,7 @@ def run_config(name: str, args, meter_pids: list[int]) -> dict:
         workers[label] = common.Worker(SCRIPT, ["--worker=jax", f"--config={name}", f"--precision={args.precision}",
                                                 f"--settings={settings}", *extra], WORKER_ENV)  # fmt: skip
     torch_variants = [("pytorch", "")] + ([("pytorch_keepmem", "keepmem=1")] if args.torch_keepmem else [])
+    torch_variants = torch_variants if args.torch else []
     for label, settings in torch_variants:
         workers[label] = common.Worker(SCRIPT, ["--worker=torch", f"--config={name}", f"--precision={args.precision}",
                                                 f"--settings={settings}"], WORKER_ENV)  # fmt: skip
@@ -284,9 +289,9 @@ def run_config(name: str, args, meter_pids: list[int]) -> dict:
             "tokens_per_cpu_s": common.median([b["tokens_per_cpu_s"] for b in blocks[label]]),
             "all_tokens_per_s": [round(b["tokens_per_s"], 1) for b in blocks[label]], "blocks": blocks[label],
         }  # fmt: skip
-    ref = out["frameworks"]["pytorch"]["tokens_per_s"]
+    ref = out["frameworks"]["pytorch" if args.torch else "project"]["tokens_per_s"]
     for f in out["frameworks"].values():
-        f["ratio_vs_pytorch"] = f["tokens_per_s"] / ref
+        f["ratio_vs_pytorch" if args.torch else "ratio_vs_project"] = f["tokens_per_s"] / ref
     return out
 
 
@@ -296,19 +301,24 @@ def matmul_peaks(args, meter_pids) -> dict:
     jw = common.Worker(
         SCRIPT, ["--worker=jax", "--config=tiny", "--precision=fp32", "--settings="], WORKER_ENV
     )
-    tw = common.Worker(SCRIPT, ["--worker=torch", "--config=tiny", "--precision=fp32"], WORKER_ENV)
-    meter_pids.extend([jw.pid, tw.pid])
+    tw = (
+        common.Worker(SCRIPT, ["--worker=torch", "--config=tiny", "--precision=fp32"], WORKER_ENV)
+        if args.torch
+        else None
+    )
+    pairs = [("jnp.dot", jw)] + ([("torch.mm", tw)] if tw else [])
+    meter_pids.extend(w.pid for _, w in pairs)
     meter = common.LoadMeter(meter_pids)
     out = {}
     try:
         for dtype in ("float32", "bfloat16"):
-            for label, w in (("jnp.dot", jw), ("torch.mm", tw)):
+            for label, w in pairs:
                 meter.wait_idle(args.max_load, args.max_wait)
                 meter.start()
                 r = w.call(cmd="matmul", n=n, dtype=dtype, reps=3 if args.quick else 10)
                 out[f"{label} {dtype}"] = {"gflops": round(r["gflops"], 1), "load_during": meter.stop()}
     finally:
-        for w in (jw, tw):
+        for _, w in pairs:
             w.close()
             meter_pids.remove(w.pid)
     return {"n": n, "results": out}
@@ -318,12 +328,17 @@ def markdown(result: dict) -> str:
     prec = result["precision"]
     peaks = result["matmul"]["results"]
     dt = "bfloat16" if prec == "bf16" else "float32"
-    peak = max(peaks[f"jnp.dot {dt}"]["gflops"], peaks[f"torch.mm {dt}"]["gflops"]) / 1e3
+    peak = max(v["gflops"] for k, v in peaks.items() if k.endswith(dt)) / 1e3
+    ref = (
+        "pytorch"
+        if any("ratio_vs_pytorch" in f for r in result["configs"].values() for f in r["frameworks"].values())
+        else "project"
+    )
     lines = [
         f"### Training throughput, {prec} ({result['machine']['cpu']}, {result['machine']['cores']} cores, "
         f"{result['date']})",
         "",
-        "| config | params | framework | tokens/s | TFLOP/s | % of matmul peak | vs PyTorch | compile s | "
+        f"| config | params | framework | tokens/s | TFLOP/s | % of matmul peak | vs {ref} | compile s | "
         "peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -331,7 +346,7 @@ def markdown(result: dict) -> str:
         for label, f in r["frameworks"].items():
             lines.append(
                 f"| {name} | {f['n_params'] / 1e6:.1f}M | {label} | {f['tokens_per_s']:,.0f} | {f['tflops']:.3f} | "
-                f"{100 * f['tflops'] / peak:.0f}% | {f['ratio_vs_pytorch']:.2f}x | {f['compile_s']:.1f} | "
+                f"{100 * f['tflops'] / peak:.0f}% | {f['ratio_vs_' + ref]:.2f}x | {f['compile_s']:.1f} | "
                 f"{f['peak_rss_mb']:,.0f} |"
             )
     lines += [
@@ -356,6 +371,8 @@ def main():
     ap.add_argument("--variant", action="append", default=[],
                     help="extra JAX variant 'NAME:k=v;k=v' with k = devices | xla (extra XLA_FLAGS) | keepmem=0 | dots=off | attn_dots=off "
                          "| a config path such as model.attention.impl or model.remat")  # fmt: skip
+    ap.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
+                    help="time the PyTorch reference (--no-torch: only the JAX variants, e.g. 'old:repo=<checkout>')")  # fmt: skip
     ap.add_argument("--torch-keepmem", action=argparse.BooleanOptionalAction, default=True,
                     help="also time PyTorch with the project's host-memory setting (llm/hostmem.py)")  # fmt: skip
     ap.add_argument("--max-load", type=float, default=0.15, help="foreign CPU cores tolerated before a block")

@@ -180,7 +180,10 @@ README_FLAG_VALUES = {
     "optim.warmup_steps": 3, "optim.min_lr_ratio": 0.05, "optim.weight_decay": 0.05,
     "optim.decay_embeddings": True, "optim.decay_norms_and_biases": True, "optim.clip_norm": 0.5,
     "checkpoint.every": 5, "checkpoint.keep": 2, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
-    "mesh.dcn_data": 2, "mesh.rules.embed": "fsdp,tensor",
+    "mesh.dcn_data": 2, "mesh.rules.embed": "fsdp,tensor", "mesh.expert": 2,
+    "model.attention.kind": "causal", "model.attention.pattern": ("causal", "causal"), "model.ffn.kind": "dense",
+    "train.init_from": "/tmp/some/run:200", "train.task": "lm", "data.kind": "text",
+    "data.tokenizer.special_tokens": ("<pause>",), "optim.groups": ("^embed/: frozen", "attn: lr_mult=2 decay=false"),
 }  # fmt: skip
 
 
@@ -204,6 +207,7 @@ def test_every_readme_flag_parses_through_the_real_cli(repo_root, tmp_path):
     assert names <= set(README_FLAG_VALUES), f"add values for {sorted(names - set(README_FLAG_VALUES))}"
     args = [f"--config.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in README_FLAG_VALUES.items()
             if k in names]  # fmt: skip
+    assert "--config.optim.groups=('^embed/: frozen', 'attn: lr_mult=2 decay=false')" in args
     r = _cli(repo_root, "--config=configs/tiny.py", f"--workdir={tmp_path}/w", "--print_config", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     resolved = json.loads(r.stdout)
@@ -211,7 +215,8 @@ def test_every_readme_flag_parses_through_the_real_cli(repo_root, tmp_path):
         node = resolved
         for part in name.split("."):
             node = node[part]
-        assert node == README_FLAG_VALUES[name], (name, node)
+        want = README_FLAG_VALUES[name]
+        assert node == (list(want) if isinstance(want, tuple) else want), (name, node)
     assert not (tmp_path / "w").exists()
 
 

@@ -53,9 +53,10 @@ class Trainer:
     def rules(self):
         return self.cfg.mesh.rules
 
-    @property
+    @functools.cached_property
     def batch_shardings(self) -> dict[str, jax.sharding.NamedSharding]:
-        """Each batch field's sharding, from the logical axes the task gives it."""
+        """Each batch field's sharding, from the logical axes the task gives it (made once: the
+        loop places every batch with these objects)."""
         return {
             k: sharding.batch_sharding(self.mesh, self.rules, names) for k, names in self.task.fields.items()
         }

@@ -143,25 +143,20 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optax transformation, learning-rate schedule) for these settings and run length.
 
-    The chain: [zero the gradients of frozen parameters] -> clip by global norm -> Adam moments
-    -> decoupled weight decay where `decay` -> x -lr(step) -> [x lr_mult]. With frozen rules the
-    Adam part is masked to the trainable parameters (frozen ones carry no moments).
+    The chain: zero the gradients of frozen parameters -> clip by global norm -> (for the
+    trainable parameters) Adam moments -> decoupled weight decay where `decay` -> x -lr(step) ->
+    x lr_mult. Its state tree is the same whatever the rules say (frozen parameters hold an empty
+    `MaskedNode` instead of moments), and with no rules the arithmetic is plain AdamW's.
     """
     schedule = make_schedule(cfg, total_steps)
-    user = [parse_rule(r) for r in cfg.groups]
-    adam = [
+    adam = optax.chain(
         optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
         optax.add_decayed_weights(cfg.weight_decay, mask=_mask(cfg, "decay")),
         optax.scale_by_learning_rate(schedule),
-    ]
-    if any(r.lr_mult is not None and r.lr_mult != 1.0 for r in user):
-        adam.append(scale_by_lr_mult(cfg))
-    adam = optax.chain(*adam)
-    parts = []
-    if any(r.frozen for r in user):
-        parts.append(optax.masked(optax.set_to_zero(), _mask(cfg, "frozen")))
-        adam = optax.masked(adam, _mask(cfg, "frozen", False))
+        scale_by_lr_mult(cfg),
+    )
+    parts = [optax.masked(optax.set_to_zero(), _mask(cfg, "frozen"))]
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(adam)
+    parts.append(optax.masked(adam, _mask(cfg, "frozen", False)))
     return optax.chain(*parts), schedule
