@@ -48,6 +48,7 @@ class TokenizerConfig:
 class DataConfig:
     """Text corpus -> tokens -> packed windows of seq_len (+1 for the shifted targets)."""
 
+    kind: str = "text"  # registry DATA_SOURCES (llm/data/sources.py)
     corpus: str = "builtin:tinyshakespeare.txt"  # comma-separated paths/globs (.txt, .jsonl)
     eval_corpus: str | None = None  # None = hold out eval_fraction of the corpus
     eval_fraction: float = 0.1
@@ -59,6 +60,9 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
     def __post_init__(self):
+        from llm.data.sources import DATA_SOURCES  # noqa: PLC0415 (import cycle)
+
+        DATA_SOURCES.get(self.kind, "data.kind")
         if self.seq_len <= 0:
             raise ConfigError("data.seq_len must be > 0")
         if not 0.0 < self.eval_fraction < 1.0 and self.eval_corpus is None:

@@ -42,10 +42,7 @@ MC_CORPUS = "builtin:tinyshakespeare.txt"
 def eval_set_documents(spec: str, cfg) -> list[str]:
     """`heldout` -> the run's held-out split (as training made it); else the documents of `spec`."""
     if spec == HELDOUT:
-        if cfg.data.eval_corpus:
-            return sources.read_documents(cfg.data.eval_corpus, cfg.data.text_field)
-        docs = sources.read_documents(cfg.data.corpus, cfg.data.text_field)
-        return sources.split_documents(docs, cfg.data.eval_fraction)[1]
+        return sources.source_for(cfg.data).documents()[1]
     return sources.read_documents(spec, cfg.data.text_field)
 
 

@@ -208,3 +208,38 @@ def test_a_new_tokenizer_kind_is_one_registered_class(tmp_path):
     assert type(load_tokenizer(str(tmp_path))).__name__ == "Shifted"
     with pytest.raises(Exception, match="valid choices: sentencepiece, byte, test_shifted_bytes"):
         TokenizerConfig(kind="bpe")
+
+
+def test_a_new_data_source_and_file_format_are_one_registered_thing_each(tmp_path):
+    """The seams for prepared shards / parquet: a reader per extension, a source per data.kind."""
+    import dataclasses
+
+    from llm.config import DataConfig
+    from llm.data.sources import DATA_SOURCES, READERS, TextSource, source_for
+
+    if ".lines" not in READERS:
+
+        @READERS.register(".lines")
+        def read_lines(path, text_field):  # every line is a document
+            with open(path, encoding="utf-8") as f:
+                yield from (line for line in f.read().split("\n") if line)
+
+    if "test_upper" not in DATA_SOURCES:
+
+        @DATA_SOURCES.register("test_upper")
+        class Upper(TextSource):
+            def documents(self):
+                train, held = super().documents()
+                return [d.upper() for d in train], [d.upper() for d in held]
+
+    corpus = tmp_path / "c.lines"
+    corpus.write_text("\n".join(f"line number {i} of the corpus" for i in range(40)))
+    cfg = DataConfig(corpus=str(corpus), seq_len=8)
+    assert len(source_for(cfg).documents()[0]) == 36  # 40 documents, the last 10% held out
+    upper = source_for(dataclasses.replace(cfg, kind="test_upper"))
+    train, held = upper.documents()
+    assert train[0] == "LINE NUMBER 0 OF THE CORPUS" and len(held) == 4
+    tw, ew = upper.windows(ByteTokenizer())
+    assert len(tw) > 0 and len(ew) > 0 and bytes(tw[0]["tokens"][:4].tolist()) == b"LINE"
+    with pytest.raises(Exception, match=r"unknown data source kind 'arrayrecrd' \(config field data.kind\)"):
+        DataConfig(kind="arrayrecrd")

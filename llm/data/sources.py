@@ -1,12 +1,22 @@
-"""Text sources: files and globs of .txt (one document per file) or .jsonl (one per line)."""
+"""Data sources (`data.kind`) and corpus file readers (by extension).
+
+`DATA_SOURCES` maps `data.kind` to a class that gives the training and held-out documents (what
+a tokenizer is trained on) and, given the tokenizer, the packed windows the pipeline batches.
+`text` (the default) reads files and globs: `READERS` maps an extension to a reader of documents,
+`.txt` (one document per file; also any unknown extension) and `.jsonl` (one per line).
+"""
 
 from __future__ import annotations
 
 import glob
 import json
 import os
+from collections.abc import Iterator
 
-from llm.registry import ConfigError
+from llm.registry import ConfigError, Registry
+
+DATA_SOURCES: Registry = Registry("data source kind")
+READERS: Registry = Registry("corpus file format")
 
 CORPORA_DIR = os.path.join(os.path.dirname(__file__), "corpora")
 
@@ -32,22 +42,36 @@ def resolve_paths(spec: str) -> list[str]:
     return paths
 
 
+@READERS.register(".txt")
+def read_txt(path: str, text_field: str) -> Iterator[str]:
+    """The whole file is one document."""
+    with open(path, encoding="utf-8") as f:
+        yield f.read()
+
+
+@READERS.register(".jsonl")
+def read_jsonl(path: str, text_field: str) -> Iterator[str]:
+    """One JSON object per line; the document is its `text_field`."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                rec = json.loads(line)
+                if text_field not in rec:
+                    raise ConfigError(f"{path}:{n} has no field {text_field!r}; set data.text_field")
+                yield str(rec[text_field])
+
+
+def reader_for(path: str):
+    ext = os.path.splitext(path)[1]
+    return READERS.get(ext) if ext in READERS else READERS.get(".txt")
+
+
 def read_documents(spec: str, text_field: str = "text") -> list[str]:
     """All documents of the corpus, in a fixed order. Undecodable bytes are an error."""
     docs: list[str] = []
     for path in resolve_paths(spec):
         try:
-            with open(path, encoding="utf-8") as f:
-                if path.endswith(".jsonl"):
-                    for n, line in enumerate(f, 1):
-                        if line.strip():
-                            rec = json.loads(line)
-                            if text_field not in rec:
-                                raise ConfigError(f"{path}:{n} has no field {text_field!r}; "
-                                                  f"set data.text_field")  # fmt: skip
-                            docs.append(str(rec[text_field]))
-                else:
-                    docs.append(f.read())
+            docs.extend(reader_for(path)(path, text_field))
         except UnicodeDecodeError as e:
             raise ValueError(f"{path} is not valid UTF-8 ({e}); re-encode the file as UTF-8") from e
     docs = [d for d in docs if d]
@@ -72,3 +96,55 @@ def split_documents(docs: list[str], eval_fraction: float) -> tuple[list[str], l
         train.append(d[:cut])
         held.append(d[cut:])
     return train, held
+
+
+class DataSource:
+    """Interface: `documents()` -> (train, held-out) texts; `windows(tok)` -> (train, held-out)
+    `pipeline.PackedWindows`-like random-access sources of examples."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg  # the DataConfig
+
+    def documents(self) -> tuple[list[str], list[str]]:
+        raise NotImplementedError
+
+    def windows(self, tok):
+        raise NotImplementedError
+
+
+@DATA_SOURCES.register("text")
+class TextSource(DataSource):
+    """Files and globs of text (`data.corpus`); the held-out split is `data.eval_corpus` or the
+    last `data.eval_fraction` of the corpus. Documents are tokenized, joined with EOS and packed
+    into windows of `data.seq_len` + 1 tokens."""
+
+    def documents(self) -> tuple[list[str], list[str]]:
+        if not hasattr(self, "_docs"):
+            c = self.cfg
+            docs = read_documents(c.corpus, c.text_field)
+            if c.eval_corpus:
+                self._docs = docs, read_documents(c.eval_corpus, c.text_field)
+            else:
+                self._docs = split_documents(docs, c.eval_fraction)
+        return self._docs
+
+    def windows(self, tok):
+        from llm.data import pipeline  # noqa: PLC0415
+
+        train_docs, eval_docs = self.documents()
+        t = self.cfg.seq_len
+        train_w = pipeline.PackedWindows(*pipeline.tokenize(train_docs, tok), t, include_partial=False)
+        eval_w = pipeline.PackedWindows(*pipeline.tokenize(eval_docs, tok), t, include_partial=True)
+        if len(eval_w) == 0:
+            raise ValueError("the held-out split is empty; raise data.eval_fraction or set data.eval_corpus")
+        return train_w, eval_w
+
+
+def _load_all() -> None:
+    """Import the modules that register further data sources (none yet besides `text`)."""
+
+
+def source_for(cfg) -> DataSource:
+    """The data source of a DataConfig."""
+    _load_all()
+    return DATA_SOURCES.get(cfg.kind, "data.kind")(cfg)

@@ -93,11 +93,8 @@ def build(cfg: RunConfig, workdir: str, devices=None) -> Experiment:
     if cfg.train.batch_size % jax.process_count():
         raise ConfigError(f"train.batch_size must divide over {jax.process_count()} processes")
 
-    docs = sources.read_documents(cfg.data.corpus, cfg.data.text_field)
-    if cfg.data.eval_corpus:
-        train_docs, eval_docs = docs, sources.read_documents(cfg.data.eval_corpus, cfg.data.text_field)
-    else:
-        train_docs, eval_docs = sources.split_documents(docs, cfg.data.eval_fraction)
+    source = sources.source_for(cfg.data)
+    train_docs, _ = source.documents()
     if jax.process_index() == 0:
         if cfg.train.init_from:
             copy_tokenizer(parse_init_from(cfg.train.init_from)[0], workdir)
@@ -110,12 +107,7 @@ def build(cfg: RunConfig, workdir: str, devices=None) -> Experiment:
     model_cfg = resolve_vocab(cfg.model, tok)
     cfg = dataclasses.replace(cfg, model=model_cfg)
 
-    t = cfg.data.seq_len
-    train_w = pipeline.PackedWindows(*pipeline.tokenize(train_docs, tok), t, include_partial=False)
-    eval_w = pipeline.PackedWindows(*pipeline.tokenize(eval_docs, tok), t, include_partial=True)
-    if len(eval_w) == 0:
-        raise ValueError("the held-out split is empty; raise data.eval_fraction or set data.eval_corpus")
-
+    train_w, eval_w = source.windows(tok)
     return Experiment(cfg=cfg, workdir=workdir, tokenizer=tok, train_windows=train_w, eval_windows=eval_w,
                       trainer=build_trainer(cfg, mesh))  # fmt: skip
 
