@@ -19,9 +19,12 @@ def get_config() -> config_dict.ConfigDict:
 
 def apply_model_preset(c: config_dict.ConfigDict, preset: dict) -> None:
     """Overwrite c.model fields with a preset (nested dicts merge into sub-sections)."""
-    for k, v in preset.items():
+    _merge(c.model, preset)
+
+
+def _merge(section, values: dict) -> None:
+    for k, v in values.items():
         if isinstance(v, dict):
-            for kk, vv in v.items():
-                c.model[k][kk] = vv
+            _merge(section[k], v)
         else:
-            c.model[k] = v
+            section[k] = v

@@ -1,7 +1,7 @@
 """Published architectures: `--config=configs/pretrain.py:<preset>`.
 
 Presets: gpt2-124m, gpt2-355m, gpt2-774m, gpt2-1.5b, llama2-7b, llama2-13b, llama2-70b,
-llama-1b, tiny-gpt2, tiny-llama (shapes in llm/model/presets.py).
+llama-1b, mixtral-8x7b, olmoe-1b-7b, tiny-gpt2, tiny-llama, tiny-moe (shapes in llm/model/presets.py).
 
 Run (a pod; see README "Running on a TPU pod / GPU cluster"):
   python -m llm.train --config=configs/pretrain.py:gpt2-124m --workdir=gs://bucket/run \

@@ -4,8 +4,9 @@ Per token of a training step (forward + backward = 3x the forward's 2 FLOPs per 
 
     flops_per_token = 6 * (N_matmul + D*V) + 12 * L * T * N*H
 
-- N_matmul: weights of every matmul in the blocks, embeddings excluded (attention q, k, v, out;
-  MLP in/out, or gate/up/down for SwiGLU). Biases and norm scales are left out (a few D per layer).
+- N_matmul: weights of every matmul in the blocks that a token passes through, embeddings
+  excluded (attention q, k, v, out; MLP in/out, or gate/up/down for SwiGLU; for MoE layers the
+  router and the top-k and shared experts only). Biases and norm scales are left out.
 - D*V: the LM head (the tied embedding table or lm_head), a matmul although it is an embedding.
   The input embedding is a gather, 0 FLOPs.
 - 12*L*T*N*H: attention scores q.k and the weighted sum p.v, 2*T*N*H multiply-adds each per token
@@ -56,12 +57,30 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Weights of the matmuls in all blocks (the N_matmul above); embeddings and head excluded."""
+    """Weights of the matmuls one token passes through in all blocks (the N_matmul above):
+    embeddings and head excluded; for an MoE layer only the router, the top-k routed and the
+    shared experts (active parameters), as each FFN kind reports."""
+    from llm.model import layout, registries  # noqa: PLC0415
+
+    registries._load_all()
     d, h = cfg.d_model, cfg.head_dim
     n, k = cfg.attention.n_heads, cfg.attention.kv_heads
     attn = d * n * h + 2 * d * k * h + n * h * d  # q, k, v, out
-    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.ffn_dim
-    return cfg.n_layers * (attn + mlp)
+    dense = registries.FFN.get("dense").active_matmul_params  # for kinds that do not say
+    ffn = sum(getattr(registries.FFN.get(s.ffn), "active_matmul_params", dense)(cfg) for s in layout.layer_specs(cfg))
+    return cfg.n_layers * attn + ffn
+
+
+def active_params(cfg: ModelConfig, total_params: int) -> int:
+    """Parameters one token uses: all of them except the experts it is not routed to."""
+    from llm.model import layout, registries  # noqa: PLC0415
+
+    registries._load_all()
+    unused = sum(
+        getattr(registries.FFN.get(s.ffn), "inactive_params", lambda c: 0)(cfg)
+        for s in layout.layer_specs(cfg)
+    )
+    return total_params - unused
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

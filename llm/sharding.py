@@ -39,6 +39,7 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 DEFAULT_RULES: dict[str, str] = {
     "batch": "data,fsdp,expert",
     "expert": "expert",
+    "act_expert": "expert",
     "length": "",
     "embed": "fsdp",
     "vocab": "tensor",

@@ -36,7 +36,7 @@ class _ToyFFN(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, ctx=None):
         mlp = MLP.get(self.cfg.mlp)(self.cfg, name="inner")
         y = mlp(x_BTD)
         w = nn.meta.unbox(mlp.variables["params"]["fc_in"]["kernel"])

@@ -23,6 +23,7 @@ PUBLISHED = {
     "llama2-7b": 6_738_415_616,
     "llama2-13b": 13_015_864_320,
     "llama2-70b": 68_976_648_192,
+    "mixtral-8x7b": 46_702_792_704,  # 12,879,925,248 active per token (test below)
 }
 
 
@@ -64,3 +65,18 @@ def test_every_config_builds_abstractly(repo_root):
             cfg = from_config_dict(c)
             model_cfg = cfg.model if cfg.model.vocab_size else cfg.model.replace(vocab_size=320)
             assert abstract_param_count(model_cfg) > 0, (path, arg)
+
+
+def test_moe_presets_count_active_parameters():
+    from llm import flops
+
+    cfg = from_config_dict(pretrain.get_config("mixtral-8x7b")).model
+    mixtral_total = abstract_param_count(cfg)
+    assert flops.active_params(cfg, mixtral_total) == 12_879_925_248  # as published for Mixtral 8x7B
+    assert (cfg.ffn.moe.num_experts, cfg.ffn.moe.top_k, cfg.attention.kv_heads, cfg.d_ff) == (8, 2, 8, 14336)
+    olmoe = from_config_dict(pretrain.get_config("olmoe-1b-7b")).model
+    total = abstract_param_count(olmoe)
+    # Published: ~6.9B total, ~1.3B active (their QK-norm adds 2*2048 per layer, left out here).
+    assert 6.85e9 < total < 6.95e9 and 1.2e9 < flops.active_params(olmoe, total) < 1.35e9
+    # Training FLOPs count the active matmuls: far below what the total would give.
+    assert flops.matmul_params(cfg) < 0.3 * mixtral_total

@@ -3,7 +3,8 @@
 A block is an attention sub-layer and an FFN sub-layer, each a residual branch (pre- or
 post-norm). Which attention and which FFN is the layer's `LayerSpec` (llm/model/layout.py),
 resolved through the registries: a new kind is a module plus one `register` line, never a
-branch here. Parameter names are fixed by slot (`attn`, `mlp`), whatever the kind.
+branch here. Parameter names are fixed by slot (`attn`, `mlp`), whatever the kind. Both are
+called `(x_BTD, ctx)`; an FFN kind also tells llm/flops.py its `active_matmul_params(cfg)`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ def dense_ffn(cfg: ModelConfig, name: str) -> nn.Module:
     return MLP.get(cfg.mlp, "model.mlp")(cfg, name=name)
 
 
+def _dense_matmul_params(cfg: ModelConfig) -> int:
+    return (3 if cfg.mlp == "swiglu" else 2) * cfg.d_model * cfg.ffn_dim
+
+
+# Matmul weights one token passes through (llm/flops.py asks each FFN kind).
+dense_ffn.active_matmul_params = _dense_matmul_params
+
+
 class Block(nn.Module):
     """One layer: `spec.attention` then `spec.ffn`, each a residual branch (pre- or post-norm)."""
 
@@ -41,10 +50,10 @@ class Block(nn.Module):
 
         if cfg.norm_position == "pre":
             x_BTD = x_BTD + drop(attn(norm1(x_BTD), ctx), det)
-            x_BTD = x_BTD + drop(ffn(norm2(x_BTD)), det)
+            x_BTD = x_BTD + drop(ffn(norm2(x_BTD), ctx), det)
         else:  # post-norm (original Transformer / GPT-1)
             x_BTD = norm1(x_BTD + drop(attn(x_BTD, ctx), det))
-            x_BTD = norm2(x_BTD + drop(ffn(x_BTD), det))
+            x_BTD = norm2(x_BTD + drop(ffn(x_BTD, ctx), det))
         return constrain(x_BTD, ("batch", "length", "act_embed"))
 
 

@@ -9,7 +9,10 @@
   `layer_metrics` turns the collection into flat scalars: `<name>/layer_<i>` per layer
   (`.../<k>` per element of a vector) and `<name>` averaged over the layers that sow it.
 
-Both are flax `sow` collections, so a module needs no new plumbing and introspection sees them.
+- `set_param(module, name, value)`: state kept as a parameter but updated outside the optimizer
+  (DeepSeek-V3's balancing bias): the step writes the value after the update.
+
+All are flax `sow` collections, so a module needs no new plumbing and introspection sees them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from llm.model import layout
 
 LOSSES = "losses"
 METRICS = "metrics"
+PARAM_UPDATES = "param_updates"
 
 
 def add_loss(module: nn.Module, name: str, value, weight: float = 1.0) -> None:
@@ -40,6 +44,30 @@ def add_metric(module: nn.Module, name: str, value) -> None:
     if value.ndim > 1:
         raise ValueError(f"a metric must be a scalar or a vector per layer; {name!r} has shape {value.shape}")
     module.sow(METRICS, name, value)
+
+
+def set_param(module: nn.Module, name: str, value) -> None:
+    """Give the module's parameter `name` this value after the optimizer step (state updated
+    outside the optimizer, e.g. an MoE balancing bias). Freeze it for the optimizer (a built-in
+    group rule does for `router_bias`) so the gradient step leaves it alone."""
+    module.sow(PARAM_UPDATES, name, value)
+
+
+def apply_param_updates(params, updates_tree):
+    """params with every parameter that `set_param` named replaced by its sown value (same
+    module path; scanned layers sow the stacked value). The sown tuples hold one value each."""
+    new = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(updates_tree):
+        keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+        new[keys] = leaf
+    if not new:
+        return params
+
+    def replace(path, p):
+        keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+        return new[keys].astype(p.dtype).reshape(p.shape) if keys in new else p
+
+    return jax.tree_util.tree_map_with_path(replace, params)
 
 
 def _leaves_by_name(tree) -> list[tuple[str, jax.Array]]:

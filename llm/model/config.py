@@ -35,14 +35,41 @@ class AttentionConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-Experts knobs (`model.ffn.kind=moe`; llm/model/moe.py). The expert MLP is `model.mlp`."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    every: int = 1  # MoE at layers first_dense, first_dense + every, ...; the others stay dense
+    first_dense: int = 0  # the first layers keep a dense FFN (DeepSeek, Qwen)
+    shared_experts: int = 0  # always-on experts (a dense MLP shared_experts * expert_d_ff wide)
+    expert_d_ff: int | None = None  # width of one expert; None = the dense FFN width (model.d_ff)
+    router: str = "softmax_topk"  # registry ROUTERS: softmax_topk (Switch) | topk_softmax (Mixtral) | sigmoid (DeepSeek-V3)
+    router_jitter: float = 0.0  # multiplicative noise on the router input while training (Switch)
+    capacity_factor: float | None = None  # None = dropless; else an expert takes <= cf * tokens * k / E
+    impl: str = "dropless"  # registry MOE_IMPLS: dropless (sorted, ragged_dot) | dense (one-hot einsums)
+    aux_loss_weight: float = 0.01  # Switch load-balancing loss
+    z_loss_weight: float = 0.001  # router z-loss (ST-MoE)
+    bias_balancing_rate: float = (
+        0.0  # > 0: auxiliary-loss-free balancing bias (DeepSeek-V3) updated at this rate
+    )
+
+
+@dataclass(frozen=True)
 class FFNConfig:
     """The feed-forward sub-layer: its kind per layer (`model.mlp` picks the MLP a dense FFN uses)."""
 
-    kind: str = "dense"  # registry FFN (llm/model/block.py)
+    kind: str = "dense"  # registry FFN (llm/model/block.py): dense | moe
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def kinds(self, n_layers: int) -> tuple[str, ...]:
-        """The FFN kind of every layer."""
-        return (self.kind,) * n_layers
+        """The FFN kind of every layer: with kind=moe, `moe.first_dense` dense layers, then MoE
+        every `moe.every` layers (dense in between)."""
+        if self.kind != "moe":
+            return (self.kind,) * n_layers
+        m = self.moe
+        return tuple("moe" if i >= m.first_dense and (i - m.first_dense) % m.every == 0 else "dense"
+                     for i in range(n_layers))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -102,6 +129,18 @@ class ModelConfig:
             f"unknown model.matmul_dtype {self.matmul_dtype!r}; valid choices: {', '.join(DTYPES)} (or unset)",
         )
         _check(0.0 <= self.dropout < 1.0 and 0.0 <= a.dropout < 1.0, "dropout must be in [0, 1)")
+        if self.ffn.kind == "moe":
+            m = self.ffn.moe
+            _check(m.num_experts >= 1 and 1 <= m.top_k <= m.num_experts,
+                   f"model.ffn.moe: need 1 <= top_k ({m.top_k}) <= num_experts ({m.num_experts})")  # fmt: skip
+            _check(m.every >= 1 and m.first_dense >= 0 and m.shared_experts >= 0,
+                   "model.ffn.moe: every must be >= 1, first_dense and shared_experts >= 0")  # fmt: skip
+            _check(m.capacity_factor is None or m.capacity_factor > 0,
+                   f"model.ffn.moe.capacity_factor={m.capacity_factor} must be > 0 (unset = dropless)")  # fmt: skip
+            _check(m.first_dense < self.n_layers,
+                   f"model.ffn.moe.first_dense={m.first_dense} leaves no MoE layer in {self.n_layers} layers")  # fmt: skip
+            _check(m.router_jitter >= 0 and m.bias_balancing_rate >= 0,
+                   "model.ffn.moe.router_jitter and bias_balancing_rate must be >= 0")  # fmt: skip
         _check(
             a.pattern is None or len(a.pattern) > 0,
             "model.attention.pattern is empty; give kinds, e.g. \"('local','causal')\", or leave it unset",

@@ -70,7 +70,7 @@ class GeluMLP(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, ctx=None):
         cfg = self.cfg
         h_BTF = dense(cfg, cfg.ffn_dim, ("embed", "mlp"), cfg.init_std, "fc_in")(x_BTD)
         h_BTF = constrain(jax.nn.gelu(h_BTF, approximate=True), ("batch", "length", "act_mlp"))
@@ -84,7 +84,7 @@ class SwiGLU(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, ctx=None):
         cfg = self.cfg
         gate_BTF = dense(cfg, cfg.ffn_dim, ("embed", "mlp"), cfg.init_std, "gate")(x_BTD)
         up_BTF = dense(cfg, cfg.ffn_dim, ("embed", "mlp"), cfg.init_std, "up")(x_BTD)

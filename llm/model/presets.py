@@ -21,6 +21,11 @@ def _llama(d, layers, heads, kv, ff):
                 attention=dict(n_heads=heads, n_kv_heads=kv))  # fmt: skip
 
 
+def _moe(base: dict, **moe) -> dict:
+    """A preset with an MoE feed-forward (model.ffn.moe knobs)."""
+    return dict(base, ffn=dict(kind="moe", moe=moe))
+
+
 PRESETS: dict[str, dict] = {
     "gpt2-124m": _gpt2(768, 12, 12),
     "gpt2-355m": _gpt2(1024, 24, 16),
@@ -31,9 +36,18 @@ PRESETS: dict[str, dict] = {
     "llama2-70b": _llama(8192, 80, 64, 8, 28672),
     # ~1B Llama-style model for GPU throughput work (not a published checkpoint).
     "llama-1b": _llama(2048, 16, 16, 8, 5632),
+    # Mixtral 8x7B (Jiang et al. 2024): 46.7B parameters, 12.9B active per token; rope theta 1e6.
+    "mixtral-8x7b": _moe(dict(_llama(4096, 32, 32, 8, 14336), vocab_size=32000, max_seq_len=32768, rope_theta=1e6),
+                         num_experts=8, top_k=2, router="topk_softmax"),
+    # OLMoE-1B-7B (Muennighoff et al. 2024): 64 fine-grained experts, top-8; ~6.9B total, ~1.3B
+    # active (QK-norm of the original left out until the attention options exist).
+    "olmoe-1b-7b": _moe(dict(_llama(2048, 16, 16, 16, 1024), vocab_size=50304, max_seq_len=4096),
+                        num_experts=64, top_k=8, router="softmax_topk"),
     # Tiny shapes for tests and smoke runs (vocab from the tokenizer).
     "tiny-gpt2": dict(_GPT2, vocab_size=None, max_seq_len=128, d_model=64, n_layers=2,
                       attention=dict(n_heads=4, n_kv_heads=4)),
     "tiny-llama": dict(_LLAMA2, vocab_size=None, max_seq_len=128, d_model=64, n_layers=2,
                        d_ff=192, attention=dict(n_heads=4, n_kv_heads=2)),
+    "tiny-moe": _moe(dict(_LLAMA2, vocab_size=None, max_seq_len=128, d_model=64, n_layers=2,
+                          d_ff=96, attention=dict(n_heads=4, n_kv_heads=2)), num_experts=4, top_k=2),
 }  # fmt: skip

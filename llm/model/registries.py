@@ -15,7 +15,7 @@ REMAT: Registry = Registry("remat policy")  # llm/model/transformer.py
 
 def _load_all() -> None:
     # Importing the modules fills the registries.
-    from llm.model import attention, block, layers, positional, transformer  # noqa: F401, PLC0415
+    from llm.model import attention, block, layers, moe, positional, transformer  # noqa: F401, PLC0415
 
 
 def check_model_names(cfg) -> None:
@@ -29,4 +29,8 @@ def check_model_names(cfg) -> None:
     for kind in cfg.attention.pattern or ():
         ATTENTION.get(kind, "model.attention.pattern")
     FFN.get(cfg.ffn.kind, "model.ffn.kind")
+    from llm.model.moe import MOE_IMPLS, ROUTERS  # noqa: PLC0415
+
+    ROUTERS.get(cfg.ffn.moe.router, "model.ffn.moe.router")
+    MOE_IMPLS.get(cfg.ffn.moe.impl, "model.ffn.moe.impl")
     ATTENTION_IMPL.get(cfg.attention.impl, "model.attention.impl")

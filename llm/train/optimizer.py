@@ -85,6 +85,8 @@ def parse_rule(text: str) -> GroupRule:
 def rules(cfg: OptimConfig) -> list[GroupRule]:
     """The user's rules (optim.groups), then the built-in ones (the classic decay grouping)."""
     return [parse_rule(r) for r in cfg.groups] + [
+        # Set outside the optimizer by its layer (an MoE balancing bias: llm/model/moe.py).
+        GroupRule(r"(^|/)router_bias$", frozen=True),
         GroupRule(r"(^|/)(embed|pos_embed)(/|$)", decay=cfg.decay_embeddings),
         GroupRule(r"/(bias|scale)$", decay=cfg.decay_norms_and_biases),
         GroupRule(r"", lr_mult=1.0, decay=True, frozen=False),

@@ -13,7 +13,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llm.model.channels import LOSSES, METRICS, layer_metrics, total_losses
+from llm.model.channels import (
+    LOSSES,
+    METRICS,
+    PARAM_UPDATES,
+    apply_param_updates,
+    layer_metrics,
+    total_losses,
+)
 from llm.train.state import TrainState
 
 
@@ -27,11 +34,14 @@ def forward(params, model, batch, rng=None, train: bool = False):
     and the sown metrics (flat scalars, llm/model/channels.py) of one batch."""
     logits_BTV, sown = model.apply(
         {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"],
-        deterministic=not train, rngs={"dropout": rng} if train else {}, mutable=[LOSSES, METRICS],
+        deterministic=not train, rngs={"dropout": rng} if train else {},
+        mutable=[LOSSES, METRICS, PARAM_UPDATES],
     )  # fmt: skip
     aux = {
         "losses": total_losses(sown.get(LOSSES, {})),
         "metrics": layer_metrics(sown.get(METRICS, {}), model.cfg),
+        # New values of parameters kept outside the optimizer (channels.set_param).
+        "param_updates": jax.lax.stop_gradient(sown.get(PARAM_UPDATES, {})),
     }
     return logits_BTV, aux
 
@@ -102,7 +112,8 @@ def train_step(
 
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    # Parameters that layers set outside the optimizer (channels.set_param), then the rest.
+    new_params = apply_param_updates(optax.apply_updates(state.params, updates), aux["param_updates"])
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     monitor, spike_metrics, apply = state.monitor, {}, finite
     if monitor:
