@@ -67,7 +67,10 @@ def matmul_params(cfg: ModelConfig) -> int:
     n, k = cfg.attention.n_heads, cfg.attention.kv_heads
     attn = d * n * h + 2 * d * k * h + n * h * d  # q, k, v, out
     dense = registries.FFN.get("dense").active_matmul_params  # for kinds that do not say
-    ffn = sum(getattr(registries.FFN.get(s.ffn), "active_matmul_params", dense)(cfg) for s in layout.layer_specs(cfg))
+    ffn = sum(
+        getattr(registries.FFN.get(s.ffn), "active_matmul_params", dense)(cfg)
+        for s in layout.layer_specs(cfg)
+    )
     return cfg.n_layers * attn + ffn
 
 
