@@ -100,33 +100,50 @@ def run_name(overrides: dict[str, str]) -> str:
     return ",".join(parts) or "base"
 
 
-def expand(axes: dict[str, list[str]], root: str, fixed: dict[str, str] | None = None) -> list[Run]:
-    """The Cartesian product of the axes, in order (the last axis varies fastest)."""
+def expand(axes: dict[str, list[str]], root: str, fixed: dict[str, str] | None = None,
+           arms: dict[str, dict[str, str]] | None = None) -> list[Run]:  # fmt: skip
+    """The Cartesian product of the axes, in order (the last axis varies fastest); with named
+    `arms` (each a set of overrides, e.g. dense vs MoE variants) the product arms x axes, runs
+    named `arm=<name>,<axes>`."""
     fixed = {**DEFAULT_SET, **(fixed or {})}
-    clash = sorted(set(axes) & set(fixed) - set(DEFAULT_SET))
+    arms = arms or {"": {}}
+    arm_keys = {k for ov in arms.values() for k in ov}
+    clash = sorted((set(axes) | arm_keys) & set(fixed) - set(DEFAULT_SET))
     if clash:
         raise ValueError(f"{clash} are both swept and --set; drop one")
+    clash = sorted(set(axes) & arm_keys)
+    if clash:
+        raise ValueError(f"{clash} are set twice, by an arm and by an axis; drop one")
     runs = []
-    for combo in itertools.product(*axes.values()):
-        ov = dict(zip(axes, combo))
-        name = run_name(ov)
-        runs.append(Run(name, ov, os.path.join(root, name), {k: v for k, v in fixed.items() if k not in ov}))
+    for arm, arm_ov in arms.items():
+        for combo in itertools.product(*axes.values()):
+            ov = {**arm_ov, **dict(zip(axes, combo))}
+            name = ",".join(filter(None, [f"arm={arm}" if arm else "", run_name(dict(zip(axes, combo)))]))
+            name = name.replace(",base", "") if arm else name
+            runs.append(
+                Run(name, ov, os.path.join(root, name), {k: v for k, v in fixed.items() if k not in ov})
+            )
     return runs
 
 
 def load_sweep_file(path: str) -> dict:
-    """A sweep file defines get_sweep() -> {'config': str, 'axes': {key: [values]}, 'set': {key: value}}."""
+    """A sweep file defines get_sweep() -> {'config': str, 'axes': {key: [values]}, 'set': {key: value},
+    'arms': {name: {key: value}}} (arms optional: named variants crossed with the axes)."""
     spec = importlib.util.spec_from_file_location("_sweep_file", path)
     if spec is None or not os.path.isfile(path):
         raise FileNotFoundError(f"sweep file {path!r} not found")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     sweep = mod.get_sweep()
-    unknown = set(sweep) - {"config", "axes", "set"}
+    unknown = set(sweep) - {"config", "axes", "set", "arms"}
     if unknown:
-        raise ValueError(f"{path}: get_sweep() has unknown keys {sorted(unknown)}; use config, axes, set")
+        raise ValueError(
+            f"{path}: get_sweep() has unknown keys {sorted(unknown)}; use config, axes, set, arms"
+        )
+    flag = lambda v: str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
     return {
         "config": sweep.get("config"),
+        "arms": {a: {k: flag(v) for k, v in ov.items()} for a, ov in sweep.get("arms", {}).items()} or None,
         "axes": {
             k: [str(v).lower() if isinstance(v, bool) else str(v) for v in vs]
             for k, vs in sweep.get("axes", {}).items()
@@ -233,21 +250,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
-        base = load_sweep_file(a.sweep_file) if a.sweep_file else {"config": None, "axes": {}, "set": {}}
+        base = (
+            load_sweep_file(a.sweep_file)
+            if a.sweep_file
+            else {"config": None, "axes": {}, "set": {}, "arms": None}
+        )
         axes = dict(base["axes"])
         axes.update(parse_axis(s) for s in a.sweep)
         fixed = dict(base["set"])
         fixed.update(parse_set(s) for s in a.set)
         config = a.config or base["config"] or "configs/tiny.py"
-        if not axes:
+        if not axes and not base["arms"]:
             raise ValueError("nothing to sweep: give --sweep key=[v1,v2,...] or --sweep_file")
         root = a.workdir if a.emit == "pod" or "://" in a.workdir else os.path.abspath(a.workdir)
-        runs = expand(axes, root, fixed)
+        runs = expand(axes, root, fixed, base["arms"])
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"sweep: {len(runs)} runs of {config} in {a.workdir} "
-          f"({' x '.join(f'{k}[{len(v)}]' for k, v in axes.items())})", flush=True)  # fmt: skip
+    dims = ([f"arms[{len(base['arms'])}]"] if base["arms"] else []) + [
+        f"{k}[{len(v)}]" for k, v in axes.items()
+    ]
+    print(f"sweep: {len(runs)} runs of {config} in {a.workdir} ({' x '.join(dims)})", flush=True)
     if a.emit == "pod":
         for run in runs:
             print(pod_command(run, config, a.tpu, a.zone, a.repo_dir))

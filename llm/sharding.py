@@ -40,6 +40,7 @@ DEFAULT_RULES: dict[str, str] = {
     "batch": "data,fsdp,expert",
     "expert": "expert",
     "act_expert": "expert",
+    "act_moe_group": "data,fsdp",  # token groups after MoE dispatch: off the expert axis
     "length": "",
     "embed": "fsdp",
     "vocab": "tensor",

@@ -17,11 +17,15 @@
 # %% [markdown]
 # # 5. Mixture-of-Experts routing
 #
-# Which experts does the router pick, how evenly is the load spread, and does routing follow the
-# tokens? An MoE feed-forward layer sows its router probabilities into `intermediates`, so
-# `llm.introspect.capture` picks them up like attention maps, with no MoE-specific code here.
+# Which experts does the router pick, how evenly is the load spread while training, and how many
+# assignments does a capacity drop? The MoE layer (`model.ffn.kind=moe`, llm/model/moe.py) logs
+# its load per expert and drop rate through the metrics channel (`metrics.jsonl`), and sows its
+# router probabilities and chosen experts, which `llm.introspect.capture` picks up like
+# attention maps.
 #
-# This notebook skips (with a message) while the codebase has no MoE feed-forward kind.
+# The run: configs/tiny.py with 4 experts, top-2, GShard-style capacity 1.0 (so some tokens are
+# dropped early on), trained once into the demo cache (seconds). `LLM_WORKDIR` points it at your own
+# MoE run instead.
 
 # %%
 import os
@@ -29,55 +33,67 @@ import sys
 
 sys.path.insert(0, os.path.abspath(".." if os.path.basename(os.getcwd()) == "notebooks" else "."))
 
-import dataclasses
-
 # %matplotlib inline
 import matplotlib.pyplot as plt
 import numpy as np
 
 import llm
 from llm import demo, introspect
-from llm.model import config as model_config
-from llm.model import registries
+from llm.train.metrics import read_metrics
 
-# An MoE kind is a registered feed-forward kind named "moe"; its config key depends on whether
-# the model config has an `ffn` section (DESIGN.md: --config.model.ffn.kind=moe) or only `mlp`.
-ffn_registry = getattr(registries, "FFN", None) or registries.MLP
-fields = {f.name for f in dataclasses.fields(model_config.ModelConfig)}
-HAS_MOE = "moe" in ffn_registry
-if HAS_MOE:
-    override = {"model.ffn.kind": "moe"} if "ffn" in fields else {"model.mlp": "moe"}
-    print("MoE kind found; overrides:", override)
-else:
-    print(f"No MoE feed-forward kind in this codebase yet (known {ffn_registry.axis} kinds: "
-          f"{', '.join(ffn_registry.names())}); skipping this notebook.")
-
-# %%
-if HAS_MOE:
-    WORKDIR = os.environ.get("LLM_WORKDIR") or demo.tiny_run(override)
-    run = llm.load(WORKDIR)
-    text = "I had always thought Jack Gisburn rather a cheap genius--though a good fellow enough"
-    ids = run.tokenizer.encode(text)[: run.config.data.seq_len]
-    cap = introspect.capture(run.model, run.params, np.asarray([ids], np.int32))
-    routing = {k: v for k, v in cap.values.items() if "rout" in k.rsplit("/", 1)[-1]}
-    print("sown routing values:", {k: v.shape for k, v in routing.items()} or "none found")
+MOE = {"model.ffn.kind": "moe", "model.ffn.moe.num_experts": 4, "model.ffn.moe.top_k": 2,
+       "model.ffn.moe.impl": "dense", "model.ffn.moe.capacity_factor": 1.0}
+WORKDIR = os.environ.get("LLM_WORKDIR") or demo.tiny_run(MOE)
+run = llm.load(WORKDIR)
+m = run.config.model.ffn.moe
+print(f"{run.config.model.n_layers} layers, {m.num_experts} experts, top-{m.top_k}, router {m.router}, "
+      f"impl {m.impl}, capacity factor {m.capacity_factor}")
 
 # %% [markdown]
-# ## Router probabilities per token, and the load per expert
+# ## Expert load per layer over training, and the drop rate
+#
+# `model/moe_load/layer_<i>/<e>` is the fraction of routed assignments that went to expert e
+# (1/E = balanced); `model/moe_drop_fraction` the share of assignments past an expert's capacity.
 
 # %%
-if HAS_MOE and routing:
-    fig, axes = plt.subplots(len(routing), 2, figsize=(11, 3 * len(routing)), squeeze=False)
-    for row, (key, probs) in enumerate(routing.items()):
-        probs_TE = np.asarray(probs).reshape(-1, probs.shape[-1])[: len(ids)]
-        axes[row, 0].imshow(probs_TE.T, aspect="auto", cmap="viridis")
-        axes[row, 0].set_title(f"{key}: router probability (expert x token)", fontsize=9)
-        load_E = np.bincount(probs_TE.argmax(-1), minlength=probs_TE.shape[-1]) / len(probs_TE)
-        axes[row, 1].bar(range(len(load_E)), load_E)
-        axes[row, 1].axhline(1 / len(load_E), color="k", ls="--", lw=1, label="balanced")
-        axes[row, 1].set_title("fraction of tokens whose top expert is e", fontsize=9)
-        axes[row, 1].legend(fontsize=8)
-    plt.tight_layout()
-    plt.show()
-elif HAS_MOE:
-    print("the MoE kind sows nothing named *rout*; nothing to plot")
+rows = [r for r in read_metrics(WORKDIR) if "loss" in r]
+steps = [r["step"] for r in rows]
+layers = sorted({int(k.split("/")[2].split("_")[1]) for k in rows[0] if k.startswith("model/moe_load/layer_")})
+fig, axes = plt.subplots(1, len(layers) + 1, figsize=(4 * (len(layers) + 1), 3))
+for ax, layer in zip(axes, layers):
+    for e in range(m.num_experts):
+        ax.plot(steps, [r[f"model/moe_load/layer_{layer}/{e}"] for r in rows], label=f"expert {e}")
+    ax.axhline(1 / m.num_experts, color="k", ls="--", lw=1)
+    ax.set_title(f"layer {layer}: load per expert", fontsize=9)
+    ax.set_xlabel("step")
+axes[0].legend(fontsize=7)
+axes[-1].plot(steps, [r["model/moe_drop_fraction"] for r in rows])
+axes[-1].set_title("fraction of assignments dropped (mean over layers)", fontsize=9)
+axes[-1].set_xlabel("step")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Token → expert for a prompt
+#
+# Router probability per token and expert in each MoE layer; dots mark the top-k experts chosen.
+
+# %%
+text = "I had always thought Jack Gisburn rather a cheap genius--though a good fellow enough"
+ids = run.tokenizer.encode(text)[: run.config.data.seq_len]
+cap = introspect.capture(run.model, run.params, np.asarray([ids], np.int32), names=["router_probs", "expert_index"])
+probs, chosen = cap.per_layer("router_probs"), cap.per_layer("expert_index")
+pieces = [run.tokenizer.decode([i]) for i in ids]
+fig, axes = plt.subplots(len(probs), 1, figsize=(12, 2.2 * len(probs)), squeeze=False)
+for ax, (layer, p) in zip(axes[:, 0], probs.items()):
+    ax.imshow(np.asarray(p)[0].T, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    for k in range(chosen[layer].shape[-1]):
+        ax.scatter(np.arange(len(ids)), np.asarray(chosen[layer])[0, :, k], s=6, c="w")
+    ax.set_yticks(range(m.num_experts))
+    ax.set_ylabel(f"layer {layer}\nexpert")
+axes[-1, 0].set_xticks(range(len(ids)))
+axes[-1, 0].set_xticklabels(pieces, rotation=90, fontsize=7)
+plt.tight_layout()
+plt.show()
+print("tokens per expert (top-1 choice) in this prompt:",
+      {layer: np.bincount(np.asarray(c)[0, :, 0], minlength=m.num_experts).tolist() for layer, c in chosen.items()})

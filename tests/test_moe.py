@@ -43,8 +43,13 @@ def _silu(x):
     return x / (1 + np.exp(-x))
 
 
-def reference(cfg, p, x_ND):
-    """Each token through its top-k experts in a plain loop, float64."""
+def reference(cfg, p, x_BTD):
+    """Each token through its top-k experts in a plain loop, float64; capacity per sequence."""
+    outs = [_reference_group(cfg, p, x_TD) for x_TD in np.asarray(x_BTD)]
+    return np.concatenate([y for y, _ in outs]), np.concatenate([keep for _, keep in outs])
+
+
+def _reference_group(cfg, p, x_ND):
     m = cfg.ffn.moe
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
     x = np.asarray(x_ND, np.float64)
@@ -94,7 +99,7 @@ def test_layer_equals_the_per_token_reference(impl, router, capacity_factor):
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 12, D))
     layer, params = init_layer(cfg, x)
     y, state = layer.apply({"params": params}, x, mutable=["metrics", "intermediates"])
-    want, keep = reference(cfg, params, np.asarray(x).reshape(-1, D))
+    want, keep = reference(cfg, params, x)
     np.testing.assert_allclose(np.asarray(y).reshape(-1, D), want, rtol=1e-4, atol=1e-5)
     drop = float(jax.tree.leaves(state["metrics"]["moe_drop_fraction"])[0])
     assert drop == pytest.approx(1 - keep.mean())
@@ -102,6 +107,26 @@ def test_layer_equals_the_per_token_reference(impl, router, capacity_factor):
         assert 0 < drop < 0.5  # the capacity really dropped some assignments (and they add nothing)
     else:
         assert drop == 0
+
+
+def test_blocked_grouped_matmul_equals_ragged_dot():
+    """The CPU grouped matmul (blocks of one expert each) computes what lax.ragged_dot does,
+    with an empty group and groups that are not multiples of the block."""
+    from llm.model.moe import grouped_matmul_blocked
+
+    sizes = np.array([5, 0, 9, 3], np.int32)
+    m = int(sizes.sum())
+    x = jax.random.normal(jax.random.PRNGKey(7), (m, 6))
+    w = jax.random.normal(jax.random.PRNGKey(8), (4, 6, 5))
+    expert = jnp.asarray(np.repeat(np.arange(4), sizes))
+    want = jax.lax.ragged_dot(x, w, jnp.asarray(sizes))
+    got = grouped_matmul_blocked(x, w, expert, jnp.asarray(sizes), block=4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    g_want = jax.grad(lambda w: jnp.sum(jax.lax.ragged_dot(x, w, jnp.asarray(sizes)) ** 2))(w)
+    g_got = jax.grad(
+        lambda w: jnp.sum(grouped_matmul_blocked(x, w, expert, jnp.asarray(sizes), block=4) ** 2)
+    )(w)
+    np.testing.assert_allclose(g_got, g_want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("mlp", ["gelu", "swiglu"])

@@ -86,6 +86,29 @@ def test_sweep_bad_input(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_sweep_arms_cross_named_variants_with_the_axes(repo_root, capsys):
+    """Named arms (e.g. dense vs MoE balancing variants) x axes (seeds): every run carries its
+    arm's overrides; the MoE sweep file expands to 4 arms x 2 seeds."""
+    runs = sweep.expand(
+        {"train.seed": ["0", "1"]}, "/r", arms={"dense": {}, "moe": {"model.ffn.kind": "moe"}}
+    )
+    assert [r.name for r in runs] == [
+        "arm=dense,seed=0",
+        "arm=dense,seed=1",
+        "arm=moe,seed=0",
+        "arm=moe,seed=1",
+    ]
+    assert runs[2].overrides == {"model.ffn.kind": "moe", "train.seed": "0"} and runs[0].overrides == {
+        "train.seed": "0"
+    }
+    with pytest.raises(ValueError, match="set twice"):
+        sweep.expand({"model.ffn.kind": ["dense"]}, "/r", arms={"moe": {"model.ffn.kind": "moe"}})
+    path = os.path.join(repo_root, "configs", "sweeps", "shakespeare_moe.py")
+    assert sweep.main(["--sweep_file", path, "--workdir", "/tmp/x", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "sweep: 8 runs" in out and "arm=moe-bias,seed=1" in out and "bias_balancing_rate=0.001" in out
+
+
 def test_sweep_runs_grid_and_compare_prints_table_and_plot(tmp_path):
     root = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "launch.sweep", "--config=configs/tiny.py", f"--workdir={root}",

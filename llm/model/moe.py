@@ -6,14 +6,18 @@ the token goes through those experts' MLPs (`model.mlp`: gelu or swiglu, each ex
 `expert_d_ff` wide) and their outputs are summed with the gate weights. Always-on shared experts
 (`shared_experts`) are a dense MLP added on top.
 
-Capacity (`capacity_factor`, unset = dropless): each expert takes at most
-C = ceil(capacity_factor * tokens * k / E) assignments, first choices before second ones, in token
-order; an assignment past C is dropped (the token keeps only its residual for that choice) and
-counted. Two implementations (`impl`, registry `MOE_IMPLS`), the same function:
-- `dropless`: assignments sorted by expert and run as grouped matmuls (`jax.lax.ragged_dot`): no
-  padding, compute proportional to the routed tokens.
-- `dense`: one-hot dispatch/combine einsums into an [E, C, D] buffer (GShard). With an `expert`
-  mesh axis, the dispatch einsum is where GSPMD moves tokens to their experts' devices.
+Capacity (`capacity_factor`, unset = dropless): within each group of tokens (a sequence, as
+GShard's groups) an expert takes at most C = ceil(capacity_factor * T * k / E) assignments, first
+choices before second ones, in token order; an assignment past C is dropped (the token keeps only
+its residual for that choice) and counted. (One decoded token is a group of its own, so cached
+decoding never drops: with a capacity, prefill and decode can route differently.)
+Two implementations (`impl`, registry `MOE_IMPLS`), the same function:
+- `dropless`: assignments sorted by expert and run as grouped matmuls: `jax.lax.ragged_dot` on
+  TPU/GPU (native kernels), block-diagonal batched matmuls on CPU (XLA:CPU expands ragged_dot
+  into E dense matmuls); compute proportional to the routed tokens.
+- `dense`: one-hot dispatch/combine einsums into a [G, E, C, D] buffer (GShard). With an `expert`
+  mesh axis the dispatch einsum is where GSPMD moves tokens to their experts' devices (an
+  all-to-all); the dropless sort instead gathers the routing decisions on every device.
 
 Losses (weighted, through llm/model/channels.py): the Switch load-balancing loss
 E * sum_e f_e P_e (f_e: fraction of routed assignments, P_e: mean router probability) and the
@@ -73,20 +77,22 @@ def sigmoid(logits_NE, bias_E, k):
     return expert_NK, gate_NK, scores_NE / jnp.sum(scores_NE, axis=-1, keepdims=True)
 
 
-def positions_in_expert(expert_NK, n_experts: int):
-    """Each assignment's slot in its expert's queue: first choices of all tokens, then second
-    choices, each in token order (so a capacity drops the least preferred assignments first)."""
-    n, k = expert_NK.shape
-    onehot_ME = jax.nn.one_hot(expert_NK.T.reshape(n * k), n_experts, dtype=jnp.int32)  # K-major
-    pos_ME = jnp.cumsum(onehot_ME, axis=0) - 1
-    return jnp.sum(pos_ME * onehot_ME, axis=-1).reshape(k, n).T
+def positions_in_expert(expert_GSK, n_experts: int):
+    """Each assignment's slot in its expert's queue within its group (a sequence): first choices
+    of all the group's tokens, then second choices, each in token order (so a capacity drops the
+    least preferred assignments first). [G, S, K] -> [G, S, K]."""
+    g, s, k = expert_GSK.shape
+    onehot_GME = jax.nn.one_hot(jnp.swapaxes(expert_GSK, 1, 2).reshape(g, k * s), n_experts, dtype=jnp.int32)
+    pos_GME = jnp.cumsum(onehot_GME, axis=1) - 1
+    return jnp.swapaxes(jnp.sum(pos_GME * onehot_GME, axis=-1).reshape(g, k, s), 1, 2)
 
 
-def capacity(cfg, n_tokens: int) -> int | None:
+def capacity(cfg, group_size: int) -> int | None:
+    """Assignments one expert takes per group of `group_size` tokens (None: dropless)."""
     m = cfg.ffn.moe
     if m.capacity_factor is None:
         return None
-    return max(1, math.ceil(m.capacity_factor * n_tokens * m.top_k / m.num_experts))
+    return max(1, math.ceil(m.capacity_factor * group_size * m.top_k / m.num_experts))
 
 
 # ---- the experts' MLPs ---------------------------------------------------------------------------
@@ -103,55 +109,92 @@ def _mm_dtype(cfg, dtype):
 
 
 @MOE_IMPLS.register("dense")
-def dense_impl(cfg, w, x_ND, expert_NK, gate_NK, keep_NK, cap: int | None):
-    """One-hot dispatch into [E, C, D], per-expert einsums, one-hot combine (GShard)."""
-    n, _ = x_ND.shape
+def dense_impl(cfg, w, x_GSD, expert_GSK, gate_GSK, keep_GSK, cap: int | None):
+    """One-hot dispatch of each group (sequence) into [G, E, C, D], per-expert einsums, one-hot
+    combine (GShard). Dispatch costs G*S*E*C*D: capacity per group keeps it linear in tokens."""
+    g, s, _ = x_GSD.shape
     e = cfg.ffn.moe.num_experts
-    c = cap if cap is not None else n  # no capacity: every token fits (an expert gets <= n of them)
-    pos_NK = positions_in_expert(expert_NK, e)
-    slot_NKC = jax.nn.one_hot(jnp.where(keep_NK, pos_NK, c), c, dtype=x_ND.dtype)  # dropped: no slot
-    onehot_NKE = jax.nn.one_hot(expert_NK, e, dtype=x_ND.dtype)
-    dispatch_NEC = jnp.einsum("nke,nkc->nec", onehot_NKE, slot_NKC)
-    combine_NEC = jnp.einsum("nke,nkc,nk->nec", onehot_NKE, slot_NKC, gate_NK.astype(x_ND.dtype))
-    x_ECD = constrain(jnp.einsum("nec,nd->ecd", dispatch_NEC, x_ND), ("act_expert", None, "act_embed"))
-    mm = _mm_dtype(cfg, x_ND.dtype)
+    c = cap if cap is not None else s  # no capacity: every token of the group fits
+    pos_GSK = positions_in_expert(expert_GSK, e)
+    slot_GSKC = jax.nn.one_hot(jnp.where(keep_GSK, pos_GSK, c), c, dtype=x_GSD.dtype)  # dropped: no slot
+    onehot_GSKE = jax.nn.one_hot(expert_GSK, e, dtype=x_GSD.dtype)
+    dispatch_GSEC = jnp.einsum("gske,gskc->gsec", onehot_GSKE, slot_GSKC)
+    combine_GSEC = jnp.einsum("gske,gskc,gsk->gsec", onehot_GSKE, slot_GSKC, gate_GSK.astype(x_GSD.dtype))
+    # With an `expert` mesh axis this is where tokens move to their experts' devices (an
+    # all-to-all that GSPMD inserts: groups leave the expert axis, experts take it).
+    names = ("act_moe_group", "act_expert", None, "act_embed")
+    x_GECD = constrain(jnp.einsum("gsec,gsd->gecd", dispatch_GSEC, x_GSD), names)
+    mm = _mm_dtype(cfg, x_GSD.dtype)
 
     def ein(spec, a, b):
         return jnp.einsum(spec, a.astype(mm), b.astype(mm), preferred_element_type=jnp.float32).astype(
-            x_ND.dtype
+            x_GSD.dtype
         )
 
-    h_ECF = ein("ecd,edf->ecf", x_ECD, w["w_in"]) + (w["b_in"][:, None] if "b_in" in w else 0)
-    gate_ECF = ein("ecd,edf->ecf", x_ECD, w["w_gate"]) if "w_gate" in w else None
-    h_ECF = constrain(_act(cfg, h_ECF, gate_ECF), ("act_expert", None, "act_mlp"))
-    y_ECD = ein("ecf,efd->ecd", h_ECF, w["w_out"]) + (w["b_out"][:, None] if "b_out" in w else 0)
-    return jnp.einsum("nec,ecd->nd", combine_NEC, y_ECD)
+    h = ein("gecd,edf->gecf", x_GECD, w["w_in"]) + (w["b_in"][None, :, None] if "b_in" in w else 0)
+    gate = ein("gecd,edf->gecf", x_GECD, w["w_gate"]) if "w_gate" in w else None
+    h = constrain(_act(cfg, h, gate), ("act_moe_group", "act_expert", None, "act_mlp"))
+    y_GECD = ein("gecf,efd->gecd", h, w["w_out"]) + (w["b_out"][None, :, None] if "b_out" in w else 0)
+    return jnp.einsum("gsec,gecd->gsd", combine_GSEC, y_GECD)
+
+
+BLOCK_ROWS = 128  # CPU grouped matmul: rows per block (each block belongs to one expert)
+
+
+def grouped_matmul_blocked(x_MD, w_EDF, sorted_expert_M, group_sizes_E, block: int = BLOCK_ROWS):
+    """x (rows sorted by expert) @ w[expert of the row], as block-diagonal batched matmuls: each
+    expert's rows padded to a multiple of `block`, every block multiplied by its expert's weight.
+    Work ~ (M + E * block) * D * F, where XLA:CPU's ragged_dot would do E * M * D * F (it expands
+    the groups densely); TPU/GPU run ragged_dot natively (megablox, grouped GEMM)."""
+    m, d = x_MD.shape
+    e = w_EDF.shape[0]
+    n_blocks = -(-(m + e * (block - 1)) // block)
+    padded_E = -(-group_sizes_E // block) * block
+    pad_ends_E = jnp.cumsum(padded_E)
+    starts_E, pad_starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E, pad_ends_E - padded_E
+    dest_M = pad_starts_E[sorted_expert_M] + jnp.arange(m) - starts_E[sorted_expert_M]
+    xp_BND = jnp.zeros((n_blocks * block, d), x_MD.dtype).at[dest_M].set(x_MD).reshape(n_blocks, block, d)
+    block_expert_B = jnp.minimum(
+        jnp.searchsorted(pad_ends_E, jnp.arange(n_blocks) * block, side="right"), e - 1
+    )
+    y = jnp.einsum("bnd,bdf->bnf", xp_BND, w_EDF[block_expert_B], preferred_element_type=jnp.float32)
+    return y.reshape(n_blocks * block, -1)[dest_M]
+
+
+def grouped_matmul(x_MD, w_EDF, sorted_expert_M, group_sizes_E, dtype):
+    """Rows sorted by expert times their expert's matrix, f32 accumulation, in `dtype`."""
+    if jax.default_backend() == "cpu":
+        out = grouped_matmul_blocked(x_MD, w_EDF, sorted_expert_M, group_sizes_E)
+    else:
+        out = jax.lax.ragged_dot(x_MD, w_EDF, group_sizes_E, preferred_element_type=jnp.float32)
+    return out.astype(dtype)
 
 
 @MOE_IMPLS.register("dropless")
-def dropless_impl(cfg, w, x_ND, expert_NK, gate_NK, keep_NK, cap: int | None):
-    """Assignments sorted by expert, grouped matmuls (`jax.lax.ragged_dot`), scattered back."""
-    n, d = x_ND.shape
-    k = expert_NK.shape[1]
+def dropless_impl(cfg, w, x_GSD, expert_GSK, gate_GSK, keep_GSK, cap: int | None):
+    """Assignments sorted by expert, grouped matmuls (`grouped_matmul`), scattered back."""
+    g, s, d = x_GSD.shape
+    k = expert_GSK.shape[-1]
     e = cfg.ffn.moe.num_experts
-    expert_M = expert_NK.reshape(n * k)
+    n = g * s
+    x_ND = x_GSD.reshape(n, d)
+    expert_M = expert_GSK.reshape(n * k)
     order_M = jnp.argsort(expert_M, stable=True)
     token_M = (jnp.arange(n * k) // k)[order_M]
     sorted_expert_M = expert_M[order_M]
     group_sizes_E = jnp.bincount(expert_M, length=e).astype(jnp.int32)
-    weight_M = (gate_NK * keep_NK).reshape(n * k)[order_M].astype(x_ND.dtype)
-    x_MD = x_ND[token_M]
+    weight_M = (gate_GSK * keep_GSK).reshape(n * k)[order_M].astype(x_ND.dtype)
     mm = _mm_dtype(cfg, x_ND.dtype)
+    x_MD = x_ND[token_M].astype(mm)
 
-    def rdot(a, b):
-        return jax.lax.ragged_dot(a.astype(mm), b.astype(mm), group_sizes_E,
-                                  preferred_element_type=jnp.float32).astype(x_ND.dtype)  # fmt: skip
+    def gmm(a, b):
+        return grouped_matmul(a.astype(mm), b.astype(mm), sorted_expert_M, group_sizes_E, x_ND.dtype)
 
-    h_MF = rdot(x_MD, w["w_in"]) + (w["b_in"][sorted_expert_M] if "b_in" in w else 0)
-    gate_MF = rdot(x_MD, w["w_gate"]) if "w_gate" in w else None
+    h_MF = gmm(x_MD, w["w_in"]) + (w["b_in"][sorted_expert_M] if "b_in" in w else 0)
+    gate_MF = gmm(x_MD, w["w_gate"]) if "w_gate" in w else None
     h_MF = _act(cfg, h_MF, gate_MF)
-    y_MD = rdot(h_MF, w["w_out"]) + (w["b_out"][sorted_expert_M] if "b_out" in w else 0)
-    return jnp.zeros((n, d), x_ND.dtype).at[token_M].add(y_MD * weight_M[:, None])
+    y_MD = gmm(h_MF, w["w_out"]) + (w["b_out"][sorted_expert_M] if "b_out" in w else 0)
+    return jnp.zeros((n, d), x_ND.dtype).at[token_M].add(y_MD * weight_M[:, None]).reshape(g, s, d)
 
 
 # ---- the layer ------------------------------------------------------------------------------------
@@ -205,10 +248,14 @@ class MoE(nn.Module):
             bias_E = jnp.zeros((e,), jnp.float32)
         expert_NK, gate_NK, probs_NE = ROUTERS.get(m.router, "model.ffn.moe.router")(logits_NE, bias_E, k)
 
-        cap = capacity(cfg, b * t)
-        keep_NK = (
-            positions_in_expert(expert_NK, e) < cap if cap is not None else jnp.ones(expert_NK.shape, bool)
+        # Capacity is per group, a group being one sequence (GShard's groups): the dispatch of the
+        # dense impl stays linear in the number of tokens.
+        expert_BTK = expert_NK.reshape(b, t, k)
+        cap = capacity(cfg, t)
+        keep_BTK = (
+            positions_in_expert(expert_BTK, e) < cap if cap is not None else jnp.ones(expert_BTK.shape, bool)
         )
+        keep_NK = keep_BTK.reshape(b * t, k)
 
         w = {}
         in_names, out_names = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
@@ -221,8 +268,7 @@ class MoE(nn.Module):
             w["b_out"] = self.param("b_out", zeros(("expert", "embed")), (e, d), pdtype)
         w = {name: v.astype(dtype) for name, v in w.items()}
         impl = MOE_IMPLS.get(m.impl, "model.ffn.moe.impl")
-        y_ND = impl(cfg, w, x_ND.astype(dtype), expert_NK, gate_NK, keep_NK, cap)
-        y_BTD = y_ND.reshape(b, t, d)
+        y_BTD = impl(cfg, w, x_BTD.astype(dtype), expert_BTK, gate_NK.reshape(b, t, k), keep_BTK, cap)
         if m.shared_experts:
             shared_cfg = cfg.replace(d_ff=m.shared_experts * f)
             y_BTD = y_BTD + MLP.get(cfg.mlp, "model.mlp")(shared_cfg, name="shared")(x_BTD)
