@@ -181,9 +181,14 @@ README_FLAG_VALUES = {
     "optim.decay_embeddings": True, "optim.decay_norms_and_biases": True, "optim.clip_norm": 0.5,
     "checkpoint.every": 5, "checkpoint.keep": 2, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
     "mesh.dcn_data": 2, "mesh.rules.embed": "fsdp,tensor", "mesh.expert": 2,
-    "model.attention.kind": "causal", "model.attention.pattern": ("causal", "causal"), "model.ffn.kind": "dense",
+    "model.attention.kind": "causal", "model.attention.pattern": ("causal", "causal"), "model.ffn.kind": "moe",
     "train.init_from": "/tmp/some/run:200", "train.task": "lm", "data.kind": "text",
     "data.tokenizer.special_tokens": ("<pause>",), "optim.groups": ("^embed/: frozen", "attn: lr_mult=2 decay=false"),
+    "model.ffn.moe.num_experts": 4, "model.ffn.moe.top_k": 1, "model.ffn.moe.every": 2,
+    "model.ffn.moe.first_dense": 1, "model.ffn.moe.shared_experts": 1, "model.ffn.moe.expert_d_ff": 48,
+    "model.ffn.moe.router": "sigmoid", "model.ffn.moe.router_jitter": 0.01, "model.ffn.moe.capacity_factor": 1.25,
+    "model.ffn.moe.impl": "dense", "model.ffn.moe.aux_loss_weight": 0.02, "model.ffn.moe.z_loss_weight": 0.0005,
+    "model.ffn.moe.bias_balancing_rate": 0.001,
 }  # fmt: skip
 
 
