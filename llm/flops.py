@@ -9,9 +9,12 @@ Per token of a training step (forward + backward = 3x the forward's 2 FLOPs per 
   router and the top-k and shared experts only). Biases and norm scales are left out.
 - D*V: the LM head (the tied embedding table or lm_head), a matmul although it is an embedding.
   The input embedding is a gather, 0 FLOPs.
-- 12*L*T*N*H: attention scores q.k and the weighted sum p.v, 2*T*N*H multiply-adds each per token
-  and layer, times 3 for training. Counted over the full T x T square as in PaLM (Chowdhery et al.
-  2022, appendix B) although causal masking could skip half; N*H = D in the usual layouts.
+- 12*L*T*N*H: attention scores q.k and the weighted sum p.v, T*N*H multiply-adds each per token
+  and layer (2 FLOPs each), times 3 for training. Counted over the full T x T square as in PaLM
+  (Chowdhery et al. 2022, appendix B) although causal masking could skip half; N*H = D in the usual
+  layouts. Each attention kind reports its own (`score_macs`: a local layer sees min(T, window)
+  keys, MLA's heads are qk_nope + qk_rope wide for scores and v_head_dim for values, differential
+  attention computes two half-width maps), as it reports its matmul weights (`matmul_params`).
 
 MFU = flops_per_token * tokens/s / (devices * peak). Remat recomputation is not counted (that
 would be hardware FLOPs utilisation), so MFU compares layouts and remat policies fairly.
@@ -63,15 +66,11 @@ def matmul_params(cfg: ModelConfig) -> int:
     from llm.model import layout, registries  # noqa: PLC0415
 
     registries._load_all()
-    d, h = cfg.d_model, cfg.head_dim
-    n, k = cfg.attention.n_heads, cfg.attention.kv_heads
-    attn = d * n * h + 2 * d * k * h + n * h * d  # q, k, v, out
+    specs = layout.layer_specs(cfg)
+    attn = sum(registries.ATTENTION.get(s.attention).matmul_params(cfg) for s in specs)
     dense = registries.FFN.get("dense").active_matmul_params  # for kinds that do not say
-    ffn = sum(
-        getattr(registries.FFN.get(s.ffn), "active_matmul_params", dense)(cfg)
-        for s in layout.layer_specs(cfg)
-    )
-    return cfg.n_layers * attn + ffn
+    ffn = sum(getattr(registries.FFN.get(s.ffn), "active_matmul_params", dense)(cfg) for s in specs)
+    return attn + ffn
 
 
 def active_params(cfg: ModelConfig, total_params: int) -> int:
@@ -88,8 +87,13 @@ def active_params(cfg: ModelConfig, total_params: int) -> int:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token at sequence length `seq_len`."""
+    from llm.model import layout, registries  # noqa: PLC0415
+
+    registries._load_all()
     head = cfg.d_model * cfg.vocab_size
-    attention = 12 * cfg.n_layers * seq_len * cfg.attention.n_heads * cfg.head_dim
+    attention = 6 * sum(
+        registries.ATTENTION.get(s.attention).score_macs(cfg, seq_len) for s in layout.layer_specs(cfg)
+    )
     return 6.0 * (matmul_params(cfg) + head) + attention
 
 

@@ -47,6 +47,8 @@ DEFAULT_RULES: dict[str, str] = {
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": "",
+    "q_lora": "",  # MLA's query and key/value latents (small; replicated)
+    "kv_lora": "",
     "mlp": "tensor",
     "norm": "",
     "positions": "",

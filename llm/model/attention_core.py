@@ -11,6 +11,15 @@ gradients, and in bf16 hands two of the six matmuls an f32 operand (so they run 
 The backward uses the flash-attention identity rowsum(P * dP) = rowsum(dO * O), so the softmax
 gradient is one elementwise pass over [T, S]: dS = P * (dP - rowsum(dO * O)).
 
+Options (each with its backward here, so the kinds that use them keep the fast path):
+- `softcap` C (Gemma-2): scores -> C * tanh(scores / C) before the mask; dS picks up 1 - tanh^2.
+- `sink_N` (gpt-oss, StreamingLLM): one learned logit per head joins every row's softmax
+  denominator without a value (it absorbs probability mass); its gradient is -sum(p_sink * delta).
+- `scale`: the score scale when it is not 1/sqrt(q's head dim) (MLA's absorbed decode).
+- `want_max`: also return the largest valid (capped) score per batch row and kv head, for the
+  instability monitor.
+q and k share a head dim; v's may differ (MLA).
+
 Layouts: B batch, K kv heads, G query heads per kv head, Q = G*T query rows of one kv head (GQA
 shares k and v across them without copies), S key positions, H head_dim.
 """
@@ -26,46 +35,76 @@ import jax.numpy as jnp
 NEG_INF = -1e30
 
 
-def causal_core(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, matmul_dtype=None):
-    """softmax(q k^T / sqrt(H) masked) v for N query and K key/value heads; [B, T, N, H] out.
+def causal_core(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, matmul_dtype=None, *, scale=None, softcap=None, sink_N=None,
+                want_max: bool = False):  # fmt: skip
+    """softmax(q k^T * scale, masked) v for N query and K key/value heads; [B, T, N, Hv] out
+    (and, with want_max, the max valid score [B, K]).
 
     Matmul inputs are in `matmul_dtype` when given (autocast) or the inputs' dtype; scores,
     softmax and accumulation are f32; the result has q's dtype.
     """
     b, t, n, h = q_BTNH.shape
-    kv = k_BSKH.shape[2]
+    kv, hv = k_BSKH.shape[2], v_BSKH.shape[-1]
     g = n // kv
     out_dtype = q_BTNH.dtype
     mm = jnp.dtype(matmul_dtype) if matmul_dtype is not None and out_dtype == jnp.float32 else out_dtype
     q_BKQH = q_BTNH.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h).astype(mm)
     kt_BKHS = k_BSKH.transpose(0, 2, 3, 1).astype(mm)
     v_BKSH = v_BSKH.transpose(0, 2, 1, 3).astype(mm)
-    o_BKQH = _core(h**-0.5, q_BKQH, kt_BKHS, v_BKSH, mask_B1TS)
-    return o_BKQH.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(out_dtype)
+    # One sink logit per query row (rows are kv-head-major, then the G heads, then T).
+    sink_KQ = None if sink_N is None else jnp.repeat(sink_N.astype(jnp.float32).reshape(kv, g), t, axis=1)
+    opts = (h**-0.5 if scale is None else float(scale), None if softcap is None else float(softcap), want_max)
+    o_BKQH, smax_BK = _core(opts, q_BKQH, kt_BKHS, v_BKSH, mask_B1TS, sink_KQ)
+    out = o_BKQH.reshape(b, kv, g, t, hv).transpose(0, 3, 1, 2, 4).reshape(b, t, n, hv).astype(out_dtype)
+    return (out, smax_BK) if want_max else out
 
 
 def _mm(spec, a, b):
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _probs(scale, q_BKQH, kt_BKHS, mask_B1TS):
-    """f32 softmax probabilities [B, K, Q, S]."""
+def _scores(opts, q_BKQH, kt_BKHS, mask_B1TS):
+    """f32 scores [B, K, Q, S] (capped, masked) and tanh(s / C) (None without a cap)."""
+    scale, softcap, _ = opts
     b, kv, qr, _ = q_BKQH.shape
     t, s = mask_B1TS.shape[2], kt_BKHS.shape[3]
-    scores_BKGTS = _mm("bkqh,bkhs->bkqs", q_BKQH, kt_BKHS).reshape(b, kv, qr // t, t, s) * scale
-    scores_BKGTS = jnp.where(mask_B1TS[:, :, None], scores_BKGTS, NEG_INF)
-    return jax.nn.softmax(scores_BKGTS, axis=-1).reshape(b, kv, qr, s)
+    s_BKQS = _mm("bkqh,bkhs->bkqs", q_BKQH, kt_BKHS) * scale
+    tanh_BKQS = None
+    if softcap is not None:
+        tanh_BKQS = jnp.tanh(s_BKQS / softcap)
+        s_BKQS = softcap * tanh_BKQS
+    s_BKGTS = jnp.where(mask_B1TS[:, :, None], s_BKQS.reshape(b, kv, qr // t, t, s), NEG_INF)
+    return s_BKGTS.reshape(b, kv, qr, s), tanh_BKQS
+
+
+def _softmax(s_BKQS, sink_KQ):
+    """(probabilities [B, K, Q, S], the sink's probability [B, K, Q, 1] or None)."""
+    if sink_KQ is None:
+        return jax.nn.softmax(s_BKQS, axis=-1), None
+    sink_11KQ1 = sink_KQ[None, :, :, None]
+    m = jnp.maximum(jnp.max(s_BKQS, axis=-1, keepdims=True), sink_11KQ1)
+    e_BKQS, e_sink = jnp.exp(s_BKQS - m), jnp.exp(sink_11KQ1 - m)
+    z = jnp.sum(e_BKQS, axis=-1, keepdims=True) + e_sink
+    return e_BKQS / z, e_sink / z
+
+
+def _score_max(s_BKQS):
+    """Largest valid score per batch row and kv head (masked entries are NEG_INF)."""
+    return jnp.max(s_BKQS, axis=(2, 3))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(scale, q_BKQH, kt_BKHS, v_BKSH, mask_B1TS):
-    return _core_fwd(scale, q_BKQH, kt_BKHS, v_BKSH, mask_B1TS)[0]
+def _core(opts, q_BKQH, kt_BKHS, v_BKSH, mask_B1TS, sink_KQ):
+    return _core_fwd(opts, q_BKQH, kt_BKHS, v_BKSH, mask_B1TS, sink_KQ)[0]
 
 
-def _core_fwd(scale, q_BKQH, kt_BKHS, v_BKSH, mask_B1TS):
-    p_BKQS = _probs(scale, q_BKQH, kt_BKHS, mask_B1TS)
+def _core_fwd(opts, q_BKQH, kt_BKHS, v_BKSH, mask_B1TS, sink_KQ):
+    s_BKQS, tanh_BKQS = _scores(opts, q_BKQH, kt_BKHS, mask_B1TS)
+    p_BKQS, psink_BKQ1 = _softmax(s_BKQS, sink_KQ)
     o_BKQH = _mm("bkqs,bksh->bkqh", p_BKQS.astype(v_BKSH.dtype), v_BKSH)
-    return o_BKQH, (q_BKQH, kt_BKHS, v_BKSH, mask_B1TS, p_BKQS, o_BKQH)
+    smax_BK = _score_max(s_BKQS) if opts[2] else None
+    res = (q_BKQH, kt_BKHS, v_BKSH, mask_B1TS, p_BKQS, o_BKQH, tanh_BKQS, psink_BKQ1, sink_KQ)
+    return (o_BKQH, smax_BK), res
 
 
 _barrier = jax.lax.optimization_barrier
@@ -77,8 +116,10 @@ def _t(x):
     return _barrier(jnp.swapaxes(x, -1, -2))
 
 
-def _core_bwd(scale, res, do_BKQH):
-    q_BKQH, kt_BKHS, v_BKSH, mask_B1TS, p_BKQS, o_BKQH = res
+def _core_bwd(opts, res, cotangents):
+    scale = opts[0]
+    do_BKQH = cotangents[0]  # the score max (monitoring only) has no gradient
+    q_BKQH, kt_BKHS, v_BKSH, mask_B1TS, p_BKQS, o_BKQH, tanh_BKQS, psink_BKQ1, sink_KQ = res
     mm = q_BKQH.dtype
     do_BKQH = do_BKQH.astype(jnp.float32)
     dob_BKQH = do_BKQH.astype(mm)  # matmul input; the f32 copy feeds the rowsum
@@ -86,7 +127,10 @@ def _core_bwd(scale, res, do_BKQH):
     # pass, or fold the transpose of dv^T into its matmul, and run either as an f32 loop.
     dp_BKQS = _barrier(_mm("bkqh,bkhs->bkqs", dob_BKQH, _t(v_BKSH)))
     delta_BKQ1 = jnp.sum(do_BKQH * o_BKQH, axis=-1, keepdims=True)
-    ds_BKQS = p_BKQS * (dp_BKQS - delta_BKQ1) * scale
+    ds_BKQS = p_BKQS * (dp_BKQS - delta_BKQ1)
+    if tanh_BKQS is not None:  # d(C tanh(s/C))/ds = 1 - tanh^2
+        ds_BKQS = ds_BKQS * (1.0 - tanh_BKQS * tanh_BKQS)
+    ds_BKQS = ds_BKQS * scale
     # Masked scores get no gradient (p is 0 there, except in rows with nothing visible: uniform).
     b, kv, qr, s = ds_BKQS.shape
     t = mask_B1TS.shape[2]
@@ -97,7 +141,9 @@ def _core_bwd(scale, res, do_BKQH):
     dkt_BKHS = _mm("bkhq,bkqs->bkhs", _t(q_BKQH), ds_BKQS)
     dvt_BKHS = _mm("bkhq,bkqs->bkhs", _t(dob_BKQH), p_BKQS.astype(mm))
     dv_BKSH = jnp.swapaxes(_barrier(dvt_BKHS), -1, -2)
-    return dq_BKQH.astype(mm), dkt_BKHS.astype(mm), dv_BKSH.astype(mm), None
+    # The sink has no value (dP_sink = 0): d sink = sum over rows of p_sink * (0 - delta).
+    dsink_KQ = None if sink_KQ is None else jnp.sum(-psink_BKQ1 * delta_BKQ1, axis=(0, 3))
+    return dq_BKQH.astype(mm), dkt_BKHS.astype(mm), dv_BKSH.astype(mm), None, dsink_KQ
 
 
 _core.defvjp(_core_fwd, _core_bwd)

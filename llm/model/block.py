@@ -42,7 +42,9 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, ctx: LayerContext):
         cfg = self.cfg
-        attn = ATTENTION.get(self.spec.attention, "model.attention.kind")(cfg, name="attn")
+        attn_cls = ATTENTION.get(self.spec.attention, "model.attention.kind")
+        # Only NoPE layers pass the flag, so a kind without positions of its own needs no field.
+        attn = attn_cls(cfg, nope=True, name="attn") if self.spec.nope else attn_cls(cfg, name="attn")
         ffn = FFN.get(self.spec.ffn, "model.ffn.kind")(cfg, name="mlp")
         norm1, norm2 = make_norm(cfg, "norm_attn"), make_norm(cfg, "norm_mlp")
         drop = nn.Dropout(cfg.dropout)
@@ -67,5 +69,5 @@ class SuperBlock(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, ctx: LayerContext):
         for j, spec in enumerate(self.specs):
-            x_BTD = self.block_cls(self.cfg, spec, name=f"block_{j}")(x_BTD, ctx)
+            x_BTD = self.block_cls(self.cfg, spec, name=f"block_{j}")(x_BTD, ctx.replace(layer=ctx.layer + j))
         return x_BTD

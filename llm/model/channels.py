@@ -87,8 +87,14 @@ def total_losses(losses_tree: Mapping) -> dict[str, jax.Array]:
     return totals
 
 
+# Metrics reduced by max (over a layer's several sows and over layers), not mean: extremes.
+MAX_METRICS = frozenset({"attn_logit_max", "logit_max"})
+
+
 def layer_metrics(metrics_tree: Mapping, cfg) -> dict[str, jax.Array]:
-    """Flat scalar metrics: `<name>/layer_<i>[/<k>]` per layer and `<name>` (mean over layers)."""
+    """Flat scalar metrics: `<name>/layer_<i>[/<k>]` per layer and `<name>` over layers (the
+    mean; the max for MAX_METRICS). A module that sows a name twice (differential attention's
+    two maps) logs the max of `MAX_METRICS` and the last value of others."""
     layers, rest = layout.split_layers(metrics_tree, cfg)
     out: dict[str, jax.Array] = {}
     per_name: dict[str, list[jax.Array]] = {}
@@ -96,12 +102,13 @@ def layer_metrics(metrics_tree: Mapping, cfg) -> dict[str, jax.Array]:
         for name, value in _leaves_by_name(tree):
             key = f"{name}/{where}" if where else name
             if value.ndim == 0:
-                out[key] = value
+                out[key] = jnp.maximum(out[key], value) if name in MAX_METRICS and key in out else value
             else:
                 out.update({f"{key}/{k}": value[k] for k in range(value.shape[0])})
             if where:
                 per_name.setdefault(name, []).append(value)
     for name, values in per_name.items():
         if name not in out:
-            out[name] = jnp.mean(jnp.stack([jnp.mean(v) for v in values]))
+            reduce = jnp.max if name in MAX_METRICS else jnp.mean
+            out[name] = reduce(jnp.stack([reduce(v) for v in values]))
     return out

@@ -17,10 +17,31 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
-class AttentionConfig:
-    """Self-attention: head layout (MHA/GQA/MQA), kind and implementation."""
+class LocalConfig:
+    """Sliding-window attention (`kind=local` layers)."""
 
-    kind: str = "causal"  # registry ATTENTION (llm/model/attention.py)
+    window: int = 128  # a query sees the last `window` positions of its document, itself included
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (`kind=mla`, DeepSeek-V2/V3; llm/model/mla.py)."""
+
+    q_lora_rank: int | None = None  # None = full-rank queries
+    kv_lora_rank: int = 64  # the cached latent per token
+    qk_nope_head_dim: int = 32  # per-head query/key channels without rotation
+    qk_rope_head_dim: int = 16  # rotary channels (the key's are shared by all heads)
+    v_head_dim: int = 32
+    absorb: bool = False  # decode with W_uk / W_uv folded into query and output (same logits)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Self-attention: head layout (MHA/GQA/MQA), kind, options and implementation."""
+
+    # registry ATTENTION: causal | local | nope | mla | differential (llm/model/attention.py, mla.py,
+    # differential.py)
+    kind: str = "causal"
     # Attention kinds cycling over depth, e.g. ('local','local','causal'); unset = every layer `kind`.
     pattern: tuple[str, ...] | None = None
     n_heads: int = 4
@@ -28,6 +49,12 @@ class AttentionConfig:
     head_dim: int | None = None  # None = d_model // n_heads
     dropout: float = 0.0  # on attention probabilities
     impl: str = "fused"  # registry ATTENTION_IMPL: fused (default) | einsum (autodiff reference) | jax
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (OLMo-2, Gemma-3)
+    logit_softcap: float | None = None  # C * tanh(score / C) (Gemma-2); None = off
+    sinks: bool = False  # a learned per-head logit in the softmax denominator (gpt-oss, StreamingLLM)
+    nope_every: int = 0  # > 0: every nope_every-th layer has no positional rotation/bias (NoPE)
+    local: LocalConfig = field(default_factory=LocalConfig)
+    mla: MLAConfig = field(default_factory=MLAConfig)
 
     @property
     def kv_heads(self) -> int:
@@ -97,6 +124,10 @@ class ModelConfig:
     # the residual stream stay f32 (what torch.autocast does). None = matmuls in `dtype`.
     matmul_dtype: str | None = None
     init_std: float = 0.02
+    final_logit_softcap: float | None = None  # C * tanh(logit / C) on the output logits (Gemma-2); None = off
+    # Log the largest attention logit per layer and the largest output logit (the quantities
+    # QK-norm and soft-capping keep in check) through the metrics channel.
+    monitor_logits: bool = False
     scan_layers: bool = False  # nn.scan over layers: one compiled block, faster compile
     remat: str = "none"  # registry REMAT (llm/model/transformer.py)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -147,6 +178,27 @@ class ModelConfig:
         )
         if self.positional == "rope":
             _check(self.head_dim % 2 == 0, f"rope needs an even head_dim, got {self.head_dim}")
+        kinds = set(a.pattern or (a.kind,))
+        if "local" in kinds:
+            _check(a.local.window >= 1, f"model.attention.local.window={a.local.window} must be >= 1")
+        if "differential" in kinds:
+            _check(self.head_dim % (4 if self.positional == "rope" else 2) == 0,
+                   f"differential attention splits each head in two (rotary halves): head_dim {self.head_dim} "
+                   f"must be divisible by {4 if self.positional == 'rope' else 2}")  # fmt: skip
+        if "mla" in kinds:
+            m = a.mla
+            _check(min(m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim) > 0
+                   and (m.q_lora_rank is None or m.q_lora_rank > 0), "model.attention.mla: ranks and dims must be > 0")  # fmt: skip
+            _check(
+                m.qk_rope_head_dim % 2 == 0,
+                f"model.attention.mla.qk_rope_head_dim={m.qk_rope_head_dim} must be even",
+            )
+        for name in ("logit_softcap",):
+            v = getattr(a, name)
+            _check(v is None or v > 0, f"model.attention.{name}={v} must be > 0 (or unset)")
+        _check(self.final_logit_softcap is None or self.final_logit_softcap > 0,
+               f"model.final_logit_softcap={self.final_logit_softcap} must be > 0 (or unset)")  # fmt: skip
+        _check(a.nope_every >= 0, "model.attention.nope_every must be >= 0 (0 = off)")
         # Registry names are checked here too so a bad flag fails before any tracing.
         from llm.model import registries  # noqa: PLC0415 (avoid an import cycle)
 

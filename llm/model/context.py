@@ -23,6 +23,9 @@ class LayerContext:
     key_valid_BS: jax.Array  # the key holds a real token (segment id != 0; in decode: a filled slot)
     mask_B1TS: jax.Array  # the standard causal mask (bool)
     decode_index: jax.Array | None = None  # decode: cache slot of the first of the T new tokens; else None
+    # 0-based depth of the layer being called (an int unrolled, a traced scalar under nn.scan);
+    # the transformer and the super-block set it (differential attention's lambda_init reads it).
+    layer: jax.Array | int = 0
     deterministic: bool = struct.field(pytree_node=False, default=True)  # no dropout
 
     @property

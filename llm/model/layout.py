@@ -30,10 +30,12 @@ _BLOCK = re.compile(r"^block_(\d+)$")
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
-    """The kinds of one layer: its attention and its FFN (registry names)."""
+    """The kinds of one layer: its attention and its FFN (registry names), and whether its
+    attention drops the positional rotation/bias (`model.attention.nope_every`)."""
 
     attention: str
     ffn: str
+    nope: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +61,12 @@ def layer_specs(cfg) -> tuple[LayerSpec, ...]:
     """(attention kind, FFN kind) of every layer, from the model config."""
     pattern = cfg.attention.pattern or (cfg.attention.kind,)
     ffn = cfg.ffn.kinds(cfg.n_layers)
-    return tuple(LayerSpec(pattern[i % len(pattern)], ffn[i]) for i in range(cfg.n_layers))
+    k = cfg.attention.nope_every
+    # Every k-th layer (1-based: layers k, 2k, ...) without positions, as Llama-4's interleaved RoPE.
+    return tuple(
+        LayerSpec(pattern[i % len(pattern)], ffn[i], nope=k > 0 and (i + 1) % k == 0)
+        for i in range(cfg.n_layers)
+    )
 
 
 def plan(cfg) -> Plan:

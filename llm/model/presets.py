@@ -39,6 +39,10 @@ PRESETS: dict[str, dict] = {
     # Mixtral 8x7B (Jiang et al. 2024): 46.7B parameters, 12.9B active per token; rope theta 1e6.
     "mixtral-8x7b": _moe(dict(_llama(4096, 32, 32, 8, 14336), vocab_size=32000, max_seq_len=32768, rope_theta=1e6),
                          num_experts=8, top_k=2, router="topk_softmax"),
+    # Mistral 7B v0.1 (Jiang et al. 2023): Llama-shaped, GQA with 8 KV heads, every layer a
+    # sliding window of 4,096 positions; 7,241,732,096 parameters.
+    "mistral-7b": dict(_llama(4096, 32, 32, 8, 14336), max_seq_len=32768,
+                       attention=dict(n_heads=32, n_kv_heads=8, kind="local", local=dict(window=4096))),
     # OLMoE-1B-7B (Muennighoff et al. 2024): 64 fine-grained experts, top-8; ~6.9B total, ~1.3B
     # active (QK-norm of the original left out until the attention options exist).
     "olmoe-1b-7b": _moe(dict(_llama(2048, 16, 16, 16, 1024), vocab_size=50304, max_seq_len=4096),

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm.model import dots, layout
+from llm.model import channels, dots, layout
 from llm.model.attention import _positional
 from llm.model.block import Block, SuperBlock
 from llm.model.channels import LOSSES, METRICS, PARAM_UPDATES
@@ -88,6 +88,11 @@ class Transformer(nn.Module):
                 cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype, name="lm_head",
                 kernel_init=init(cfg.init_std, ("embed", "vocab")), dot_general=dots.dot_general_for(cfg.matmul_dtype),
             )(x_BTD)  # fmt: skip
+        if cfg.monitor_logits:  # before capping: the statistic the cap exists to bound
+            channels.add_metric(self, "logit_max", jnp.max(logits_BTV.astype(jnp.float32)))
+        if cfg.final_logit_softcap is not None:  # Gemma-2: C * tanh(logits / C), in f32
+            c = cfg.final_logit_softcap
+            logits_BTV = (c * jnp.tanh(logits_BTV.astype(jnp.float32) / c)).astype(logits_BTV.dtype)
         return constrain(logits_BTV, ("batch", "length", "act_vocab"))
 
 
@@ -101,13 +106,13 @@ def layer_stack(cfg: ModelConfig, x_BTD, ctx):
         block_cls = nn.remat(Block, policy=policy(), prevent_cse=not cfg.scan_layers)
     n_unrolled = plan.prefix if plan.scanned else len(plan.specs)
     for i in range(n_unrolled):
-        x_BTD = block_cls(cfg, plan.specs[i], name=f"layer_{i}")(x_BTD, ctx)
+        x_BTD = block_cls(cfg, plan.specs[i], name=f"layer_{i}")(x_BTD, ctx.replace(layer=i))
     if plan.scanned:
         scanned = nn.scan(
-            lambda blk, x, c: (blk(x, c), None),
+            lambda blk, x, c, layer: (blk(x, c.replace(layer=layer)), None),
             variable_axes={c: 0 for c in SCANNED_COLLECTIONS},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,),
+            in_axes=(nn.broadcast, 0),
             length=plan.repeats,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
@@ -115,5 +120,6 @@ def layer_stack(cfg: ModelConfig, x_BTD, ctx):
             unit = block_cls(cfg, plan.unit[0], name=layout.SCANNED)
         else:
             unit = SuperBlock(cfg, plan.unit, block_cls, name=layout.SCANNED)
-        x_BTD, _ = scanned(unit, x_BTD, ctx)
+        first_layer_R = plan.prefix + plan.period * jnp.arange(plan.repeats, dtype=jnp.int32)
+        x_BTD, _ = scanned(unit, x_BTD, ctx, first_layer_R)
     return x_BTD
