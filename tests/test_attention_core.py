@@ -99,3 +99,51 @@ def test_model_with_fused_impl_matches_einsum_and_falls_back_where_needed():
     _, state = fused.apply({"params": params}, tokens, None, seg, mutable=["intermediates"])
     probs = jax.tree.leaves(state["intermediates"])
     assert probs and all(np.isfinite(np.asarray(p)).all() for p in probs)
+
+
+def _reference_core(q, k, v, mask, scale, softcap, sink_N):
+    """Plain jnp attention with the options, differentiated by autodiff: the fused core's oracle."""
+    g = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    s = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    s = jnp.where(mask, s, -1e30)
+    if sink_N is None:
+        p = jax.nn.softmax(s, axis=-1)
+    else:
+        sink = jnp.broadcast_to(sink_N[None, :, None, None], (*s.shape[:3], 1))
+        p = jax.nn.softmax(jnp.concatenate([s, sink], axis=-1), axis=-1)[..., :-1]
+    return jnp.einsum("bnts,bsnh->btnh", p, v)
+
+
+@pytest.mark.parametrize(
+    "softcap,sinks,scale,hv",
+    [(3.0, False, None, 16), (None, True, None, 16), (2.0, True, 0.3, 16), (None, False, 0.2, 8)],
+    ids=["softcap", "sinks", "softcap+sinks+scale", "v-head-dim-8"],
+)
+def test_fused_core_options_forward_and_backward_equal_autodiff(softcap, sinks, scale, hv):
+    q, k, v, mask, _ = _inputs(n=4, kv=2)
+    q, k = q * 2.0, k * 2.0  # scores of several units: the cap binds
+    v = v[..., :hv]
+    w = jnp.asarray(np.random.default_rng(3).normal(size=(*q.shape[:3], hv)), jnp.float32)
+    sink = jnp.asarray([0.5, -1.0, 2.0, 0.0]) if sinks else None
+    sc = scale if scale is not None else q.shape[-1] ** -0.5
+
+    def loss(fn):
+        return lambda q, k, v, s: (fn(q, k, v, s) * w).sum()
+
+    fused = loss(lambda q, k, v, s: causal_core(q, k, v, mask, scale=scale, softcap=softcap, sink_N=s))
+    ref = loss(lambda q, k, v, s: _reference_core(q, k, v, mask, sc, softcap, s))
+    argnums = (0, 1, 2, 3) if sinks else (0, 1, 2)
+    (l1, g1), (l2, g2) = (jax.value_and_grad(f, argnums=argnums)(q, k, v, sink) for f in (ref, fused))
+    assert float(l2) == pytest.approx(float(l1), rel=1e-5, abs=1e-4)
+    for name, a, b in zip("qkvs", g1, g2):
+        assert float(jnp.abs(a).max()) > 1e-3, name
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4, err_msg=name)
+    # The instability monitor: the largest valid (capped) score per batch row and kv head.
+    _, smax_BK = causal_core(q, k, v, mask, scale=scale, softcap=softcap, sink_N=sink, want_max=True)
+    s = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, 2, axis=2)) * sc
+    s = softcap * jnp.tanh(s / softcap) if softcap is not None else s
+    s = jnp.where(mask, s, -jnp.inf).reshape(2, 2, 2, *s.shape[2:])  # [B, K, G, T, S]
+    np.testing.assert_allclose(np.asarray(smax_BK), np.asarray(s.max(axis=(2, 3, 4))), rtol=1e-5)
