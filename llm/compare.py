@@ -4,6 +4,12 @@ Prints one row per run (final and best held-out loss and bits per byte, tokens/s
 wall time, and the config values that differ between the runs) and writes <out>/comparison.png
 (train and held-out loss against step) and <out>/comparison.json. A directory without
 metrics.jsonl is read as a sweep root: every sub-directory with one is a run.
+
+`--metrics=model/attn_logit_max,model/moe_max_load` adds columns: the mean of each logged metric
+over the last 10% of the run's logged steps (its value at the end of training, less noisy than one
+step). `--seeds=train.seed` also prints one row per arm (runs equal in every differing key but
+that one): mean over seeds and the spread (max - min) of held-out bits/byte, and the means of the
+other columns.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class RunSummary:
     wall_s: float = math.nan
     last_step: int = 0
     config: dict[str, Any] = field(default_factory=dict)  # flattened resolved config
+    extra: dict[str, float] = field(default_factory=dict)  # --metrics: end-of-training values
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> (step, value)
 
 
@@ -90,12 +97,22 @@ def _read_json(path: str) -> dict:
         return {}
 
 
-def summarize(workdir: str, name: str | None = None) -> RunSummary:
+def end_value(rows: list[dict], key: str) -> float:
+    """Mean of `key` over the last 10% (at least one) of the rows that log it; NaN if none do."""
+    values = [r[key] for r in sorted(rows, key=lambda r: r["step"]) if key in r]
+    if not values:
+        return math.nan
+    tail = values[-max(1, len(values) // 10) :]
+    return sum(tail) / len(tail)
+
+
+def summarize(workdir: str, name: str | None = None, metrics: tuple[str, ...] = ()) -> RunSummary:
     """Read <workdir>/metrics.jsonl (+ config.json, sweep_result.json) into a RunSummary."""
     from llm.train.metrics import read_metrics  # noqa: PLC0415
 
     rows = read_metrics(workdir)
     s = RunSummary(name=name or os.path.basename(os.path.normpath(workdir)), workdir=workdir)
+    s.extra = {k: end_value(rows, k) for k in metrics}
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     # The final row (written once training ends) repeats the last step with only eval keys; a
     # resumed run re-logs steps, so keep the latest value per step.
@@ -161,10 +178,58 @@ def _fmt_params(n: int | None) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
+def _fixed_width(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(  # noqa: E731
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    )
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def arms(runs: list[RunSummary], seed_key: str) -> list[dict[str, Any]]:
+    """Runs grouped by every differing config key except `seed_key`: per arm the seeds, mean and
+    spread (max - min) of final held-out bits/byte, mean tokens/s and mean of each extra metric.
+    An arm is named by its runs' name without the seed part (sweep names: `arm=x,seed=0` -> `arm=x`)."""
+    keys = [k for k in differing_keys(runs) if k != seed_key]
+    short = seed_key.split(".")[-1] + "="
+    groups: dict[tuple, list[RunSummary]] = {}
+    names: dict[tuple, str] = {}
+    for r in runs:
+        key = tuple(json.dumps(r.config.get(k), sort_keys=True) for k in keys)
+        groups.setdefault(key, []).append(r)
+        names.setdefault(key, ",".join(p for p in r.name.split(",") if not p.startswith(short)) or "all")
+    out = []
+    for key, rs in groups.items():
+        name = names[key]
+        bpb = [r.final_eval_bpb for r in rs if not math.isnan(r.final_eval_bpb)]
+        out.append({
+            "arm": name, "seeds": [r.config.get(seed_key) for r in rs],
+            "eval_bpb": _mean(bpb), "bpb_spread": (max(bpb) - min(bpb)) if bpb else math.nan,
+            "tokens_per_sec": _mean([r.tokens_per_sec for r in rs]),
+            **{k: _mean([r.extra.get(k, math.nan) for r in rs]) for k in (rs[0].extra or {})},
+        })  # fmt: skip
+    return sorted(out, key=lambda a: (math.isnan(a["eval_bpb"]), a["eval_bpb"]))
+
+
+def arms_table(rows: list[dict[str, Any]]) -> str:
+    extra = [k for k in rows[0] if k not in ("arm", "seeds", "eval_bpb", "bpb_spread", "tokens_per_sec")]
+    head = ["arm", "seeds", "eval_bpb", "spread", "tok/s", *extra]
+    body = [[a["arm"], str(len(a["seeds"])), _fmt(a["eval_bpb"]), _fmt(a["bpb_spread"]),
+             _fmt(a["tokens_per_sec"], 0), *(_fmt(a[k], 3) for k in extra)] for a in rows]  # fmt: skip
+    return _fixed_width(head, body)
+
+
 def table(runs: list[RunSummary]) -> str:
-    """A fixed-width text table, one row per run, plus one column per differing config key."""
+    """A fixed-width text table, one row per run, plus one column per differing config key (and
+    per --metrics key)."""
     diff = differing_keys(runs)
-    head = ["run", "eval_loss", "best_loss", "eval_bpb", "best_bpb", "tok/s", "params", "wall_s", "step"]
+    extra = list(runs[0].extra) if runs else []
+    head = ["run", "eval_loss", "best_loss", "eval_bpb", "best_bpb", "tok/s", "params", "wall_s", "step", *extra]
     head += [
         k.split(".")[-1] if [d.split(".")[-1] for d in diff].count(k.split(".")[-1]) == 1 else k for k in diff
     ]
@@ -172,14 +237,10 @@ def table(runs: list[RunSummary]) -> str:
     for r in runs:
         row = [r.name, _fmt(r.final_eval_loss), _fmt(r.best_eval_loss), _fmt(r.final_eval_bpb),
                _fmt(r.best_eval_bpb), _fmt(r.tokens_per_sec, 0), _fmt_params(r.n_params), _fmt(r.wall_s, 1),
-               str(r.last_step)]  # fmt: skip
+               str(r.last_step), *(_fmt(r.extra[k], 3) for k in extra)]  # fmt: skip
         row += [_fmt(r.config.get(k)) for k in diff]
         rows.append(row)
-    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    line = lambda cells: "  ".join(
-        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-    )
-    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+    return _fixed_width(head, rows)
 
 
 def plot_curves(runs: list[RunSummary], path: str | None = None, log_y: bool = False):
@@ -216,21 +277,26 @@ def plot_curves(runs: list[RunSummary], path: str | None = None, log_y: bool = F
 
 
 def compare(paths: list[str], out: str | None = None, sort: str | None = "final_eval_loss",
-            plot: bool = True) -> tuple[list[RunSummary], str]:  # fmt: skip
-    """Summaries of the runs under `paths`, the printed table, and (if out) PNG + JSON written there."""
+            plot: bool = True, metrics: tuple[str, ...] = (), seeds: str | None = None
+            ) -> tuple[list[RunSummary], str]:  # fmt: skip
+    """Summaries of the runs under `paths`, the printed table (and the per-arm table with `seeds`),
+    and (if out) PNG + JSON written there."""
     workdirs = find_runs(paths)
     roots = [os.path.abspath(p) for p in paths]
     names = []
     for w in workdirs:
         parent = next((r for r in roots if os.path.abspath(w).startswith(r + os.sep)), None)
         names.append(os.path.relpath(w, parent) if parent else os.path.basename(os.path.normpath(w)))
-    runs = [summarize(w, n) for w, n in zip(workdirs, names)]
+    runs = [summarize(w, n, tuple(metrics)) for w, n in zip(workdirs, names)]
     if sort == "name":
         runs.sort(key=lambda r: r.name)
     elif sort:  # NaN (never evaluated) last; tokens/s best first
         sign = -1 if sort == "tokens_per_sec" else 1
         runs.sort(key=lambda r: (math.isnan(getattr(r, sort)), sign * getattr(r, sort)))
     text = table(runs)
+    arm_rows = arms(runs, seeds) if seeds and runs else None
+    if arm_rows:
+        text += f"\n\nper arm (mean over {seeds}; spread = max - min of eval_bpb):\n" + arms_table(arm_rows)
     if out:
         os.makedirs(out, exist_ok=True)
         if plot:
@@ -245,6 +311,10 @@ def compare(paths: list[str], out: str | None = None, sort: str | None = "final_
                     {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
                 )
             json.dump(rows, f, indent=2)
+        if arm_rows:
+            with open(os.path.join(out, "arms.json"), "w") as f:
+                json.dump([{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in a.items()}
+                           for a in arm_rows], f, indent=2)  # fmt: skip
     return runs, text
 
 
@@ -265,10 +335,15 @@ def main(argv: list[str] | None = None) -> int:
         choices=("final_eval_loss", "best_eval_loss", "final_eval_bpb", "tokens_per_sec", "name"),
     )
     p.add_argument("--no_plot", action="store_true")
+    p.add_argument("--metrics", default="", help="comma-separated logged metrics to add as columns "
+                   "(end-of-training values), e.g. model/attn_logit_max,model/moe_max_load")  # fmt: skip
+    p.add_argument("--seeds", default=None, help="config key that only changes the seed (e.g. train.seed): "
+                   "also print mean and spread per arm")  # fmt: skip
     a = p.parse_args(argv)
     out = a.out or default_out(a.paths)
+    metrics = tuple(m for m in a.metrics.split(",") if m)
     try:
-        runs, text = compare(a.paths, out, a.sort, plot=not a.no_plot)
+        runs, text = compare(a.paths, out, a.sort, plot=not a.no_plot, metrics=metrics, seeds=a.seeds)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -100,3 +100,15 @@ def test_moe_compiles_for_a_tpu_topology_with_an_expert_axis():
                                "mesh.data": 1, "mesh.expert": 4})  # fmt: skip
     report = aot_check.check(cfg, aot_check.parse_topology("v5e:2x2"), log=print)
     assert report["compiles"] and report["fits"] and report["mesh"]["expert"] == 4
+
+
+@needs_libtpu
+def test_attention_variants_compile_for_a_tpu_topology():
+    """The mistral-7b report (v5p, every layer a 4,096 window) is in the README; CI compiles a tiny
+    Gemma-2-style local/global model with QK-norm, soft-capping and sinks, tensor-parallel heads."""
+    cfg = tiny_cfg("llama", **{**TINY, "model.attention.pattern": ("local", "causal"),
+                               "model.attention.local.window": 16, "model.attention.qk_norm": True,
+                               "model.attention.logit_softcap": 50.0, "model.attention.sinks": True,
+                               "model.final_logit_softcap": 30.0, "mesh.data": 2, "mesh.tensor": 2})  # fmt: skip
+    report = aot_check.check(cfg, aot_check.parse_topology("v5e:2x2"), log=print)
+    assert report["compiles"] and report["fits"] and report["mesh"]["tensor"] == 2

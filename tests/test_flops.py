@@ -45,6 +45,35 @@ def test_matmul_params_match_the_params_tree(mlp):
     assert flops.flops_per_token(cfg, 64) == 6 * (kernels + head) + 12 * cfg.n_layers * 64 * cfg.d_model
 
 
+@pytest.mark.parametrize("kind,att", [
+    ("mla", dict(mla=dict(q_lora_rank=32, kv_lora_rank=48, qk_nope_head_dim=24, qk_rope_head_dim=8, v_head_dim=40))),
+    ("mla", dict(mla=dict(q_lora_rank=None))),
+    ("differential", {}),
+    ("local", dict(local=dict(window=16))),
+], ids=["mla-q-lora", "mla", "differential", "local"])  # fmt: skip
+def test_attention_kinds_report_their_matmul_weights_and_score_work(kind, att):
+    """Each kind's `matmul_params` against the kernels of its real params tree (MLA's up-projection
+    `kv_b` is a bare param), and the attention term of the FLOPs by hand."""
+    from llm.model.config import LocalConfig, MLAConfig
+
+    a = AttentionConfig(n_heads=4, n_kv_heads=2, kind=kind, local=LocalConfig(**att.get("local", {})),
+                        mla=MLAConfig(**att.get("mla", {})))  # fmt: skip
+    cfg = ModelConfig(vocab_size=1024, d_model=256, n_layers=2, max_seq_len=256, mlp="gelu", use_bias=False,
+                      positional="rope", attention=a)  # fmt: skip
+    leaves = jax.tree_util.tree_leaves_with_path(abstract_params(cfg, 64))
+    keys = lambda path: [str(getattr(k, "key", k)) for k in path]  # noqa: E731
+    weights = sum(int(np.prod(x.shape)) for p, x in leaves
+                  if keys(p)[-1] in ("kernel", "kv_b") and "lm_head" not in keys(p))  # fmt: skip
+    assert flops.matmul_params(cfg) == weights
+    t, n, h = 64, 4, cfg.head_dim
+    m = a.mla
+    per_layer = {"mla": t * n * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim),
+                 "differential": t * n * (h + 2 * h),  # two half-width maps, two weighted sums
+                 "local": 16 * n * 2 * h}[kind]  # fmt: skip
+    head = cfg.d_model * cfg.vocab_size
+    assert flops.flops_per_token(cfg, t) == 6 * (weights + head) + 6 * 2 * per_layer
+
+
 def test_gpt2_124m_by_hand():
     """12 layers of 12*D^2 matmul weights, a 768x50257 head, attention at T=1024."""
     cfg = ModelConfig(**{**PRESETS["gpt2-124m"], "attention": AttentionConfig(n_heads=12)})

@@ -24,6 +24,7 @@ PUBLISHED = {
     "llama2-13b": 13_015_864_320,
     "llama2-70b": 68_976_648_192,
     "mixtral-8x7b": 46_702_792_704,  # 12,879,925,248 active per token (test below)
+    "mistral-7b": 7_241_732_096,  # as published (Jiang et al. 2023); every layer a 4,096 window
 }
 
 
