@@ -229,7 +229,18 @@ def table(runs: list[RunSummary]) -> str:
     per --metrics key)."""
     diff = differing_keys(runs)
     extra = list(runs[0].extra) if runs else []
-    head = ["run", "eval_loss", "best_loss", "eval_bpb", "best_bpb", "tok/s", "params", "wall_s", "step", *extra]
+    head = [
+        "run",
+        "eval_loss",
+        "best_loss",
+        "eval_bpb",
+        "best_bpb",
+        "tok/s",
+        "params",
+        "wall_s",
+        "step",
+        *extra,
+    ]
     head += [
         k.split(".")[-1] if [d.split(".")[-1] for d in diff].count(k.split(".")[-1]) == 1 else k for k in diff
     ]

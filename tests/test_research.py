@@ -191,13 +191,17 @@ def test_compare_metric_columns_and_per_arm_seed_spread(tmp_path):
                 for s in range(1, 21)]  # fmt: skip
         rows.append({"step": 20, "eval_loss": bpb, "eval_bpb": bpb})
         (wd / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-        (wd / "config.json").write_text(json.dumps({"optim": {"lr": 1.0 if arm == "a" else 2.0}, "train": {"seed": seed}}))
+        (wd / "config.json").write_text(
+            json.dumps({"optim": {"lr": 1.0 if arm == "a" else 2.0}, "train": {"seed": seed}})
+        )
     runs, text = compare.compare([str(tmp_path)], out=str(tmp_path / "out"), metrics=("model/m",), seeds="train.seed",
                                  plot=False)  # fmt: skip
     assert all(r.extra["model/m"] == 19.5 for r in runs)  # last 10% of 20 logged steps: 19, 20
     arms = {a["arm"]: a for a in json.loads((tmp_path / "out" / "arms.json").read_text())}
     assert set(arms) == {"arm=a", "arm=b"}
-    assert arms["arm=a"]["eval_bpb"] == pytest.approx(2.2) and arms["arm=a"]["bpb_spread"] == pytest.approx(0.4)
+    assert arms["arm=a"]["eval_bpb"] == pytest.approx(2.2) and arms["arm=a"]["bpb_spread"] == pytest.approx(
+        0.4
+    )
     assert arms["arm=b"]["bpb_spread"] == pytest.approx(0.1) and arms["arm=b"]["tokens_per_sec"] == 150.0
     assert arms["arm=a"]["model/m"] == 19.5 and "per arm" in text
 
