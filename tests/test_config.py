@@ -189,6 +189,11 @@ README_FLAG_VALUES = {
     "model.ffn.moe.router": "sigmoid", "model.ffn.moe.router_jitter": 0.01, "model.ffn.moe.capacity_factor": 1.25,
     "model.ffn.moe.impl": "dense", "model.ffn.moe.aux_loss_weight": 0.02, "model.ffn.moe.z_loss_weight": 0.0005,
     "model.ffn.moe.bias_balancing_rate": 0.001,
+    "model.attention.local.window": 32, "model.attention.nope_every": 3, "model.attention.qk_norm": True,
+    "model.attention.logit_softcap": 50.0, "model.attention.sinks": True, "model.attention.mla.q_lora_rank": 32,
+    "model.attention.mla.kv_lora_rank": 24, "model.attention.mla.qk_nope_head_dim": 16,
+    "model.attention.mla.qk_rope_head_dim": 8, "model.attention.mla.v_head_dim": 16, "model.attention.mla.absorb": True,
+    "model.final_logit_softcap": 30.0, "model.monitor_logits": True,
 }  # fmt: skip
 
 

@@ -36,11 +36,23 @@ class MLAConfig:
 
 
 @dataclass(frozen=True)
+class InfiniConfig:
+    """Infini-attention (`kind=infini`; llm/model/infini.py; Munkhdalai et al. 2024)."""
+
+    segment_len: int = 64  # tokens per segment: local softmax attention inside, compressive memory across
+    update: str = "linear"  # memory update: linear (M += s(K)^T V) | delta (M += s(K)^T (V - retrieved))
+    gate_init: float = 0.0  # initial beta; sigmoid(beta) mixes memory (1) and local (0) attention
+    memory_positional: bool = False  # rotate Q/K on the memory path by RoPE too (off, as working ports do)
+    first_segment: str = "skip"  # skip: no memory term where a document has none yet | eps: eps-guarded always
+    bptt_segments: int | None = None  # stop gradients through the memory every k segments; None = full
+
+
+@dataclass(frozen=True)
 class AttentionConfig:
     """Self-attention: head layout (MHA/GQA/MQA), kind, options and implementation."""
 
-    # registry ATTENTION: causal | local | nope | mla | differential (llm/model/attention.py, mla.py,
-    # differential.py)
+    # registry ATTENTION: causal | local | nope | mla | differential | infini (llm/model/attention.py,
+    # mla.py, differential.py, infini.py)
     kind: str = "causal"
     # Attention kinds cycling over depth, e.g. ('local','local','causal'); unset = every layer `kind`.
     pattern: tuple[str, ...] | None = None
@@ -55,6 +67,7 @@ class AttentionConfig:
     nope_every: int = 0  # > 0: every nope_every-th layer has no positional rotation/bias (NoPE)
     local: LocalConfig = field(default_factory=LocalConfig)
     mla: MLAConfig = field(default_factory=MLAConfig)
+    infini: InfiniConfig = field(default_factory=InfiniConfig)
 
     @property
     def kv_heads(self) -> int:
@@ -193,6 +206,15 @@ class ModelConfig:
                 m.qk_rope_head_dim % 2 == 0,
                 f"model.attention.mla.qk_rope_head_dim={m.qk_rope_head_dim} must be even",
             )
+        if "infini" in kinds:
+            f = a.infini
+            _check(f.segment_len >= 1, f"model.attention.infini.segment_len={f.segment_len} must be >= 1")
+            _check(f.update in ("linear", "delta"),
+                   f"model.attention.infini.update={f.update!r}: choose 'linear' or 'delta'")  # fmt: skip
+            _check(f.first_segment in ("skip", "eps"),
+                   f"model.attention.infini.first_segment={f.first_segment!r}: choose 'skip' or 'eps'")  # fmt: skip
+            _check(f.bptt_segments is None or f.bptt_segments >= 1,
+                   "model.attention.infini.bptt_segments must be >= 1 (or unset = full backpropagation)")  # fmt: skip
         for name in ("logit_softcap",):
             v = getattr(a, name)
             _check(v is None or v > 0, f"model.attention.{name}={v} must be > 0 (or unset)")

@@ -44,7 +44,8 @@ PRESETS: dict[str, dict] = {
     "mistral-7b": dict(_llama(4096, 32, 32, 8, 14336), max_seq_len=32768,
                        attention=dict(n_heads=32, n_kv_heads=8, kind="local", local=dict(window=4096))),
     # OLMoE-1B-7B (Muennighoff et al. 2024): 64 fine-grained experts, top-8; ~6.9B total, ~1.3B
-    # active (QK-norm of the original left out until the attention options exist).
+    # active. OLMoE's QK-norm normalises the whole q/k projection (d_model wide); model.attention.qk_norm
+    # is per head (OLMo-2 / Gemma-3), so it is left out here.
     "olmoe-1b-7b": _moe(dict(_llama(2048, 16, 16, 16, 1024), vocab_size=50304, max_seq_len=4096),
                         num_experts=64, top_k=8, router="softmax_topk"),
     # Tiny shapes for tests and smoke runs (vocab from the tokenizer).

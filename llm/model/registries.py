@@ -15,7 +15,7 @@ REMAT: Registry = Registry("remat policy")  # llm/model/transformer.py
 
 def _load_all() -> None:
     # Importing the modules fills the registries.
-    from llm.model import attention, block, differential, layers, mla, moe, positional, transformer  # noqa: F401, PLC0415
+    from llm.model import attention, block, differential, infini, layers, mla, moe, positional, transformer  # noqa: F401, PLC0415
 
 
 def check_model_names(cfg) -> None:

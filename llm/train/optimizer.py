@@ -87,6 +87,9 @@ def rules(cfg: OptimConfig) -> list[GroupRule]:
     return [parse_rule(r) for r in cfg.groups] + [
         # Set outside the optimizer by its layer (an MoE balancing bias: llm/model/moe.py).
         GroupRule(r"(^|/)router_bias$", frozen=True),
+        # Infini-attention's gate beta: never decayed toward 0 (= an even mix); its own lr through
+        # optim.groups, e.g. "('infini_gate: lr_mult=10',)" (configs/infini_passkey.py).
+        GroupRule(r"(^|/)infini_gate$", decay=False),
         GroupRule(r"(^|/)(embed|pos_embed)(/|$)", decay=cfg.decay_embeddings),
         GroupRule(r"/(bias|scale)$", decay=cfg.decay_norms_and_biases),
         GroupRule(r"", lr_mult=1.0, decay=True, frozen=False),

@@ -1,0 +1,189 @@
+"""Infini-attention against a naive reference written here (a loop over segments with explicit M and
+z per document, float64), its reduction to causal attention, streaming decode, and its gate plumbing.
+"""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm.model import Transformer
+from llm.model.config import AttentionConfig, InfiniConfig, ModelConfig
+from llm.model.context import training_context
+from llm.model.registries import ATTENTION, _load_all
+from tests.reference import rope_vec, softmax
+
+_load_all()
+B, T, SEG = 2, 21, 5  # T not a multiple of the segment
+HEADS, D = 3, 24  # an odd head count, head_dim 8
+
+
+def cfg_of(**inf):
+    return ModelConfig(vocab_size=64, d_model=D, n_layers=2, max_seq_len=256, positional="rope", norm="rmsnorm",
+                       mlp="swiglu", use_bias=False, tie_embeddings=False,
+                       attention=AttentionConfig(n_heads=HEADS, kind="infini",
+                                                 infini=InfiniConfig(**{"segment_len": SEG, "gate_init": 0.3, **inf})))  # fmt: skip
+
+
+def _inputs(packed: bool):
+    r = np.random.default_rng(0)
+    x = r.normal(size=(B, T, D)).astype(np.float32)
+    pos = np.tile(np.arange(T), (B, 1))
+    seg = np.ones((B, T), np.int32)
+    if packed:  # row 1: documents of 7, 9 and 5 tokens (boundaries inside segments)
+        seg[1] = [1] * 7 + [2] * 9 + [3] * 5
+        pos[1] = list(range(7)) + list(range(9)) + list(range(5))
+    return x, pos, seg
+
+
+def run_layer(cfg, x, pos, seg, params=None):
+    mod = ATTENTION.get("infini")(cfg)
+    ctx = training_context(jnp.asarray(pos), jnp.asarray(seg), True)
+    if params is None:
+        params = nn.meta.unbox(mod.init(jax.random.PRNGKey(0), jnp.asarray(x), ctx)["params"])
+        # larger q/k so local attention is peaked and the memory path's features vary
+        params = {k: ({"kernel": v["kernel"] * 10} if k in ("query", "key") else v) for k, v in params.items()}
+    return np.asarray(mod.apply({"params": params}, jnp.asarray(x), ctx)), params
+
+
+def elu1(x):
+    return np.where(x > 0, x + 1.0, np.exp(x))
+
+
+def reference(cfg, p, x, pos, seg):
+    """Per row, head, and query: local softmax attention within the segment and document; memory
+    built by folding, segment by segment, only the earlier segments' tokens of the query's document."""
+    f, h = cfg.attention.infini, cfg.head_dim
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+    x = x.astype(np.float64)
+    gate = 1 / (1 + np.exp(-p["infini_gate"]))
+    out = np.zeros((B, T, HEADS, h))
+    for bi in range(B):
+        for hd in range(HEADS):
+            q = x[bi] @ p["query"]["kernel"][:, hd]
+            k = x[bi] @ p["key"]["kernel"][:, hd]
+            v = x[bi] @ p["value"]["kernel"][:, hd]
+            qr = np.stack([rope_vec(q[i], pos[bi, i], cfg.rope_theta) for i in range(T)])
+            kr = np.stack([rope_vec(k[i], pos[bi, i], cfg.rope_theta) for i in range(T)])
+            qm, km = (qr, kr) if f.memory_positional else (q, k)
+            for i in range(T):
+                s_i, d = i // SEG, seg[bi, i]
+                scores = np.array([qr[i] @ kr[j] / math.sqrt(h) if (j // SEG == s_i and j <= i and seg[bi, j] == d)
+                                   else -np.inf for j in range(T)])  # fmt: skip
+                a_dot = softmax(scores) @ v
+                mem, z = np.zeros((h, h)), np.zeros(h)
+                seen = False
+                for s in range(s_i):  # earlier segments, in order, this document's tokens only
+                    idx = [j for j in range(s * SEG, (s + 1) * SEG) if seg[bi, j] == d]
+                    if not idx:
+                        continue
+                    seen = True
+                    sk, vv = elu1(km[idx]), v[idx]
+                    if f.update == "delta":
+                        vv = vv - (sk @ mem) / (sk @ z + 1e-6)[:, None]
+                    mem, z = mem + sk.T @ vv, z + sk.sum(0)
+                sq = elu1(qm[i])
+                g = gate[hd]
+                if f.first_segment == "skip":
+                    out[bi, i, hd] = g * (sq @ mem) / (sq @ z) + (1 - g) * a_dot if seen else a_dot
+                else:
+                    out[bi, i, hd] = g * (sq @ mem) / (sq @ z + 1e-6) + (1 - g) * a_dot
+    return np.einsum("btnh,nhd->btd", out, p["out"]["kernel"])
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["one-doc", "packed"])
+@pytest.mark.parametrize("first_segment", ["skip", "eps"])
+@pytest.mark.parametrize("update", ["linear", "delta"])
+def test_layer_equals_the_naive_segment_loop(update, first_segment, packed):
+    cfg = cfg_of(update=update, first_segment=first_segment)
+    x, pos, seg = _inputs(packed)
+    got, p = run_layer(cfg, x, pos, seg)
+    np.testing.assert_allclose(got, reference(cfg, p, x, pos, seg), rtol=1e-4, atol=1e-5)
+
+
+def test_memory_positional_rotates_the_memory_path():
+    cfg = cfg_of(memory_positional=True)
+    x, pos, seg = _inputs(False)
+    got, p = run_layer(cfg, x, pos, seg)
+    np.testing.assert_allclose(got, reference(cfg, p, x, pos, seg), rtol=1e-4, atol=1e-5)
+    plain, _ = run_layer(cfg_of(), x, pos, seg, params=p)
+    assert np.abs(plain - got).max() > 1e-3 * np.abs(got).max()
+
+
+def test_one_segment_with_empty_memory_is_causal_softmax_attention():
+    cfg = cfg_of(segment_len=T)
+    x, pos, seg = _inputs(True)
+    got, p = run_layer(cfg, x, pos, seg)
+    causal_cfg = dataclasses.replace(cfg, attention=dataclasses.replace(cfg.attention, kind="causal"))
+    mod = ATTENTION.get("causal")(causal_cfg)
+    ctx = training_context(jnp.asarray(pos), jnp.asarray(seg), True)
+    want = mod.apply({"params": {k: v for k, v in p.items() if k != "infini_gate"}}, jnp.asarray(x), ctx)
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_bptt_segments_cut_gradients_through_the_memory():
+    """With bptt_segments=1 the loss on the last segment gets no gradient from earlier segments'
+    tokens except through local attention (none: they are other segments): d out[last] / d x[first] = 0."""
+    x, pos, seg = _inputs(False)
+    grads = {}
+    for k in (None, 1):
+        cfg = cfg_of(bptt_segments=k)
+        _, p = run_layer(cfg, x, pos, seg)
+        mod = ATTENTION.get("infini")(cfg)
+        ctx = training_context(jnp.asarray(pos), jnp.asarray(seg), True)
+        g = jax.grad(lambda x: mod.apply({"params": p}, x, ctx)[:, -1].sum())(jnp.asarray(x))
+        grads[k] = np.abs(np.asarray(g[:, :SEG])).max()
+    assert grads[None] > 1e-4 and grads[1] == 0.0
+
+
+def test_streaming_decode_over_ten_segments_equals_the_full_forward():
+    cfg = dataclasses.replace(cfg_of(update="delta"), scan_layers=True)
+    n = 10 * SEG + 3
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (B, n), 0, 64)
+    model = Transformer(cfg)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens)["params"])
+    full = model.apply({"params": params}, tokens)
+    from llm.infer import engine
+
+    cache = engine.init_cache(model, B, n)
+    shapes0 = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(cache)}
+    logits, cache = engine.prefill(model, params, tokens[:, :7], jnp.full((B,), 7), cache)
+    out = [logits]
+    step = jax.jit(lambda p, t, pos, c: engine.decode_step(model, p, t, pos, c))
+    for t in range(7, n):
+        lg, cache = step(params, tokens[:, t], jnp.full((B,), t), cache)
+        out.append(lg[:, None])
+        assert {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(cache)} == shapes0
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(out, 1)), np.asarray(full), rtol=1e-4, atol=1e-5)
+    layer_cache = {k: v for k, v in shapes0.items() if "segment_key" in k}
+    assert layer_cache and all(s[2] == SEG for s in layer_cache.values())  # [layers, B, SEG, K, H]
+
+
+def test_gate_is_logged_per_head_and_never_decayed():
+    from llm.config import OptimConfig
+    from llm.model.channels import layer_metrics
+    from llm.train import optimizer
+
+    cfg = cfg_of(gate_init=-1.0)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (B, T), 0, 64)
+    model = Transformer(cfg)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens)["params"])
+    _, state = model.apply({"params": params}, tokens, mutable=["metrics"])
+    m = layer_metrics(state["metrics"], cfg)
+    assert float(m["infini_gate/layer_1/2"]) == pytest.approx(1 / (1 + math.exp(1.0)), rel=1e-6)
+    rules = optimizer.rules(OptimConfig(groups=("infini_gate: lr_mult=10",)))
+    s = optimizer.settings_for("layer_0/attn/infini_gate", rules)
+    assert (s.lr_mult, s.decay, s.frozen) == (10.0, False, False)
+
+
+def test_config_errors_name_the_field():
+    from llm.registry import ConfigError
+
+    for kw, msg in ((dict(update="sum"), "infini.update"), (dict(segment_len=0), "segment_len"),
+                    (dict(first_segment="x"), "first_segment"), (dict(bptt_segments=0), "bptt_segments")):  # fmt: skip
+        with pytest.raises(ConfigError, match=msg):
+            cfg_of(**kw)
