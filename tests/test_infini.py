@@ -46,7 +46,9 @@ def run_layer(cfg, x, pos, seg, params=None):
     if params is None:
         params = nn.meta.unbox(mod.init(jax.random.PRNGKey(0), jnp.asarray(x), ctx)["params"])
         # larger q/k so local attention is peaked and the memory path's features vary
-        params = {k: ({"kernel": v["kernel"] * 10} if k in ("query", "key") else v) for k, v in params.items()}
+        params = {
+            k: ({"kernel": v["kernel"] * 10} if k in ("query", "key") else v) for k, v in params.items()
+        }
     return np.asarray(mod.apply({"params": params}, jnp.asarray(x), ctx)), params
 
 
@@ -157,7 +159,9 @@ def test_streaming_decode_over_ten_segments_equals_the_full_forward():
     for t in range(7, n):
         lg, cache = step(params, tokens[:, t], jnp.full((B,), t), cache)
         out.append(lg[:, None])
-        assert {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(cache)} == shapes0
+        assert {
+            jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(cache)
+        } == shapes0
     np.testing.assert_allclose(np.asarray(jnp.concatenate(out, 1)), np.asarray(full), rtol=1e-4, atol=1e-5)
     layer_cache = {k: v for k, v in shapes0.items() if "segment_key" in k}
     assert layer_cache and all(s[2] == SEG for s in layer_cache.values())  # [layers, B, SEG, K, H]

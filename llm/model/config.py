@@ -43,7 +43,9 @@ class InfiniConfig:
     update: str = "linear"  # memory update: linear (M += s(K)^T V) | delta (M += s(K)^T (V - retrieved))
     gate_init: float = 0.0  # initial beta; sigmoid(beta) mixes memory (1) and local (0) attention
     memory_positional: bool = False  # rotate Q/K on the memory path by RoPE too (off, as working ports do)
-    first_segment: str = "skip"  # skip: no memory term where a document has none yet | eps: eps-guarded always
+    first_segment: str = (
+        "skip"  # skip: no memory term where a document has none yet | eps: eps-guarded always
+    )
     bptt_segments: int | None = None  # stop gradients through the memory every k segments; None = full
 
 

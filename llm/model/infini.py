@@ -62,7 +62,9 @@ def retrieve(sq_BTKGH, mem_BKHV, z_BKH, has_mem_BT, gate_N, a_dot_BTNV, first_se
         a_mem = (num_BTKGV / (den_BTKG + EPS)[..., None]).reshape(b, t, kv * g, -1)
         a_mem = jnp.where(has_11, a_mem, 0.0)  # another document's memory is not this query's
         return gate_11N1 * a_mem + (1.0 - gate_11N1) * a_dot
-    a_mem = (num_BTKGV / jnp.where(has_mem_BT[:, :, None, None], den_BTKG, 1.0)[..., None]).reshape(b, t, kv * g, -1)
+    a_mem = (num_BTKGV / jnp.where(has_mem_BT[:, :, None, None], den_BTKG, 1.0)[..., None]).reshape(
+        b, t, kv * g, -1
+    )
     return jnp.where(has_11, gate_11N1 * a_mem + (1.0 - gate_11N1) * a_dot, a_dot)
 
 
@@ -96,7 +98,7 @@ class InfiniAttention(CausalSelfAttention):
     def __call__(self, x_BTD, ctx: LayerContext):
         cfg, a = self.cfg, self.attn_cfg
         f = a.infini
-        n, kv, h = a.n_heads, a.kv_heads, cfg.head_dim
+        n, kv = a.n_heads, a.kv_heads
         pos = self.positional()
         q_BTNH = self.project(x_BTD, n, "heads", "query")
         k_BTKH = self.project(x_BTD, kv, "kv_heads", "key")
@@ -196,7 +198,11 @@ def segments_forward(ql, kl, v, qm, km, doc_BT, gate_N, f, core=attention_core.c
         z = constrain(z, ("batch", "act_kv_heads", None))
         return (mem, z, mdoc), out
 
-    carry = (jnp.zeros((b, kv, h, hv), jnp.float32), jnp.zeros((b, kv, h), jnp.float32), jnp.zeros((b,), jnp.int32))
+    carry = (
+        jnp.zeros((b, kv, h, hv), jnp.float32),
+        jnp.zeros((b, kv, h), jnp.float32),
+        jnp.zeros((b,), jnp.int32),
+    )
     xs = tuple(split(x) for x in (ql, kl, v, qm, km, doc_BT)) + (jnp.arange(n_segs),)
     _, out_SBTNV = jax.lax.scan(jax.checkpoint(body), carry, xs)
     return jnp.moveaxis(out_SBTNV, 0, 1).reshape(b, n_segs * seg, n, hv)[:, :t]
