@@ -7,7 +7,10 @@
   next line among length-matched distractor lines from the same tail): accuracy by total
   log-likelihood (`acc`) and by log-likelihood per byte (`acc_norm`);
 - calibration of those choices: expected calibration error of the model's own probabilities of
-  the choices (renormalised over the choices) and a reliability diagram.
+  the choices (renormalised over the choices) and a reliability diagram;
+- with `--passkey_lengths=2000,8000`: passkey retrieval accuracy over lengths x depths
+  (llm/data/passkey.py), a table and a heat map; `loss_by_position` (in Python) gives the held-out
+  loss by token position for long windows.
 
 Writes <out>/step_<N>.json and <out>/reliability_step_<N>.png (out defaults to <workdir>/eval).
 """
@@ -171,6 +174,105 @@ def score_continuations(
     return np.concatenate(out)[:n].astype(np.float64)
 
 
+# ---- long context: passkey retrieval, loss by position -------------------------------------------
+
+
+def _argmax_fn(model):
+    def fn(params, tokens_BT, segment_ids_BT):
+        t = tokens_BT.shape[1]
+        positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens_BT.shape)
+        logits_BTV = model.apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT)
+        return jnp.argmax(logits_BTV, axis=-1), jax.nn.log_softmax(logits_BTV.astype(jnp.float32), -1)
+
+    return jax.jit(fn)
+
+
+def passkey_grid(model, params, tokenizer: Tokenizer, lengths: Sequence[int], depths: Sequence[float],
+                 n: int = 20, seed: int = 0, digits: int = 5) -> dict[str, Any]:  # fmt: skip
+    """Passkey retrieval accuracy over filler lengths (characters) x depths (llm/data/passkey.py).
+
+    Teacher-forced: an example counts as retrieved (`exact`) when the model's argmax predicts every
+    token of the key given the prompt and the key's earlier tokens; `first` scores only the key's
+    first token. Returns {"exact": [[acc per depth] per length], "first": ..., "tokens": mean prompt
+    tokens per length, ...}.
+    """
+    from llm.data import passkey  # noqa: PLC0415
+
+    fn = _argmax_fn(model)
+    exact, first, n_tokens = [], [], []
+    for length in lengths:
+        row_e, row_f, toks = [], [], []
+        for depth in depths:
+            exs = passkey.examples(n, length, depth, seed, digits)
+            enc = [encode_pair(tokenizer, e.prompt, e.answer, 10**9) for e in exs]
+            t = max(len(ids) for ids, _ in enc)
+            tokens, segs = np.zeros((n, t), np.int32), np.zeros((n, t), np.int32)
+            for r, (ids, _) in enumerate(enc):
+                tokens[r, : len(ids)], segs[r, : len(ids)] = ids, 1
+            pred_BT, _ = fn(params, tokens, segs)
+            pred_BT = np.asarray(pred_BT)
+            ok = [
+                all(pred_BT[r, i - 1] == ids[i] for i in range(n_ctx, len(ids)))
+                for r, (ids, n_ctx) in enumerate(enc)
+            ]
+            ok1 = [pred_BT[r, n_ctx - 1] == ids[n_ctx] for r, (ids, n_ctx) in enumerate(enc)]
+            row_e.append(float(np.mean(ok)))
+            row_f.append(float(np.mean(ok1)))
+            toks.append(float(np.mean([n_ctx for _, n_ctx in enc])))
+        exact.append(row_e)
+        first.append(row_f)
+        n_tokens.append(float(np.mean(toks)))
+    return {"lengths": list(lengths), "depths": list(depths), "n": n, "exact": exact, "first": first,
+            "prompt_tokens": n_tokens, "chance_exact": 10.0 ** -(digits - 1) / 9}  # fmt: skip
+
+
+def passkey_heatmap(grid: dict[str, Any], path: str | None = None, title: str = ""):
+    """Accuracy heat map: depth (x) by prompt length (y); returns the figure (saved if path)."""
+    import matplotlib  # noqa: PLC0415
+
+    if path:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    acc = np.asarray(grid["exact"])
+    fig, ax = plt.subplots(figsize=(1.1 * len(grid["depths"]) + 2, 0.6 * len(grid["lengths"]) + 1.5))
+    im = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(grid["depths"])), [f"{d:.2f}" for d in grid["depths"]])
+    ax.set_yticks(range(len(grid["lengths"])), [f"{t:.0f}" for t in grid["prompt_tokens"]])
+    ax.set_xlabel("depth of the key (0 = start)")
+    ax.set_ylabel("prompt tokens")
+    for i in range(acc.shape[0]):
+        for j in range(acc.shape[1]):
+            ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", color="w" if acc[i, j] < 0.5 else "k",
+                    fontsize=8)  # fmt: skip
+    fig.colorbar(im, ax=ax, label="exact retrieval")
+    ax.set_title(title or f"passkey retrieval ({grid['n']} per cell)", fontsize=9)
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def loss_by_position(model, params, tokenizer: Tokenizer, docs: Sequence[str], seq_len: int,
+                     bucket: int = 64) -> dict[str, Any]:  # fmt: skip
+    """Mean next-token loss by position in the window (bucketed) over windows of `seq_len` tokens
+    cut from the documents: whether later tokens profit from a long context."""
+    ids = [i for d in docs for i in tokenizer.encode(d)]
+    n_win = len(ids) // (seq_len + 1)
+    if n_win < 1:
+        raise ValueError(f"documents hold {len(ids)} tokens, fewer than one window of {seq_len + 1}")
+    wins = np.asarray(ids[: n_win * (seq_len + 1)], np.int32).reshape(n_win, seq_len + 1)
+    fn = _argmax_fn(model)
+    total = np.zeros(seq_len)
+    for w in wins:
+        _, logp = fn(params, w[None, :-1], np.ones((1, seq_len), np.int32))
+        total += -np.take_along_axis(np.asarray(logp[0]), w[1:, None], axis=-1)[:, 0]
+    per_pos = total / n_win
+    n_b = seq_len // bucket
+    return {"bucket": bucket, "windows": int(n_win),
+            "loss": [float(per_pos[i * bucket : (i + 1) * bucket].mean()) for i in range(n_b)]}  # fmt: skip
+
+
 def choice_probabilities(loglik_C: np.ndarray) -> np.ndarray:
     """The model's distribution over the choices: p(choice | context) renormalised over them."""
     z = loglik_C - np.max(loglik_C)
@@ -302,6 +404,9 @@ def run_suite(
     n_bins: int = 10,
     out: str | None = None,
     loaded=None,
+    passkey_lengths: Sequence[int] = (),
+    passkey_depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    passkey_examples: int = 20,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on everything above; writes JSON (and the reliability PNG) under `out`."""
     import llm  # noqa: PLC0415
@@ -322,6 +427,11 @@ def run_suite(
         result["multiple_choice"] = {MC_TASK: mc}
     out = out or os.path.join(workdir, "eval")
     os.makedirs(out, exist_ok=True)
+    if passkey_lengths:
+        grid = passkey_grid(model, params, tok, passkey_lengths, passkey_depths, passkey_examples)
+        grid["heatmap_png"] = os.path.join(out, f"passkey_step_{run.step}.png")
+        passkey_heatmap(grid, grid["heatmap_png"], f"passkey retrieval, step {run.step}")
+        result["passkey"] = grid
     if mc_examples:
         png = os.path.join(out, f"reliability_step_{run.step}.png")
         reliability_diagram(mc["bins"], png, f"{MC_TASK}, step {run.step}", mc["ece"])
@@ -348,6 +458,15 @@ def format_result(result: dict[str, Any]) -> str:
                   f"  acc {mc['acc']:.3f} | acc_norm {mc['acc_norm']:.3f} | mean confidence "
                   f"{mc['mean_confidence']:.3f} | ECE {mc['ece']:.3f}",
                   f"  reliability diagram: {mc.get('reliability_png', '-')}"]  # fmt: skip
+    if "passkey" in result:
+        g = result["passkey"]
+        lines += ["", f"passkey retrieval (exact, {g['n']} per cell; rows: prompt tokens, columns: depth)",
+                  "  tokens " + "".join(f"{d:>7.2f}" for d in g["depths"])]  # fmt: skip
+        lines += [
+            f"  {t:>6.0f} " + "".join(f"{a:>7.2f}" for a in row)
+            for t, row in zip(g["prompt_tokens"], g["exact"])
+        ]
+        lines.append(f"  heat map: {g['heatmap_png']}")
     lines += ["", f"wrote {result['json']}"]
     return "\n".join(lines)
 
@@ -362,7 +481,10 @@ def main(argv):
     f = flags.FLAGS
     try:
         result = run_suite(f.workdir, f.step, f.eval_sets, f.max_batches, f.batch_size, f.mc_examples,
-                           f.mc_choices, f.mc_seed, f.bins, f.out)  # fmt: skip
+                           f.mc_choices, f.mc_seed, f.bins, f.out,
+                           passkey_lengths=[int(x) for x in f.passkey_lengths],
+                           passkey_depths=[float(x) for x in f.passkey_depths],
+                           passkey_examples=f.passkey_examples)  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -386,6 +508,11 @@ def _define_flags():
     flags.DEFINE_integer("mc_seed", 0, "Seed for the distractors and answer positions.")
     flags.DEFINE_integer("bins", 10, "Calibration bins.")
     flags.DEFINE_string("out", None, "Output directory (default: <workdir>/eval).")
+    flags.DEFINE_list(
+        "passkey_lengths", [], "Passkey retrieval grid: filler lengths in characters (empty = skip)."
+    )
+    flags.DEFINE_list("passkey_depths", ["0", "0.25", "0.5", "0.75", "1"], "Passkey depths (0 = start).")
+    flags.DEFINE_integer("passkey_examples", 20, "Passkey examples per grid cell.")
     flags.mark_flags_as_required(["workdir"])
 
 

@@ -191,3 +191,61 @@ def test_config_errors_name_the_field():
                     (dict(first_segment="x"), "first_segment"), (dict(bptt_segments=0), "bptt_segments")):  # fmt: skip
         with pytest.raises(ConfigError, match=msg):
             cfg_of(**kw)
+
+
+# ---- passkey retrieval and loss by position ----------------------------------------------------------
+
+
+def test_passkey_examples_hide_one_key_at_the_asked_depth():
+    from llm.data import passkey
+
+    for depth in (0.0, 0.5, 1.0):
+        ex = passkey.examples(3, 900, depth, seed=1)[0]
+        key = ex.answer.strip()
+        assert len(key) == 5 and key.isdigit() and ex.prompt.endswith(passkey.QUESTION)
+        at = ex.prompt.index(f"The pass key is {key}")
+        assert abs(at / (len(ex.prompt) - len(passkey.QUESTION)) - depth) < 0.1
+        assert ex.prompt.count(key) == 2  # the needle says it twice; nowhere else
+    docs = passkey.training_documents(5, 100, 300, seed=0)
+    assert len(set(docs)) == 5 and all(d.endswith(".") for d in docs)
+
+
+class _Oracle:
+    """A 'model' whose logits are the true next token everywhere (teacher forcing), except that
+    with wrong_last it misses the last answer token: grids must then read 1.0 and 0.0."""
+
+    def __init__(self, vocab, wrong_last=False):
+        self.vocab, self.wrong_last = vocab, wrong_last
+
+    def apply(self, variables, tokens_BT, positions_BT, segment_ids_BT):
+        nxt = jnp.roll(tokens_BT, -1, axis=1)
+        if self.wrong_last:  # the last real position predicts something else
+            last = jnp.sum(segment_ids_BT, axis=1) - 2
+            nxt = nxt.at[jnp.arange(tokens_BT.shape[0]), last].add(1) % self.vocab
+        return jax.nn.one_hot(nxt, self.vocab) * 10.0
+
+
+def test_passkey_grid_scores_teacher_forced_retrieval():
+    from llm.data.tokenizers import ByteTokenizer
+    from llm.evaluate import passkey_grid, passkey_heatmap
+
+    tok = ByteTokenizer()
+    lengths, depths = [200, 400], [0.0, 1.0]
+    good = passkey_grid(_Oracle(tok.vocab_size), None, tok, lengths, depths, n=3)
+    bad = passkey_grid(_Oracle(tok.vocab_size, wrong_last=True), None, tok, lengths, depths, n=3)
+    assert good["exact"] == [[1.0, 1.0], [1.0, 1.0]] and bad["exact"] == [[0.0, 0.0], [0.0, 0.0]]
+    assert bad["first"] == [[1.0, 1.0], [1.0, 1.0]]  # only the last token was wrong
+    assert good["prompt_tokens"][1] > good["prompt_tokens"][0] > 200
+    assert passkey_heatmap(good) is not None
+
+
+def test_loss_by_position_buckets_the_windows():
+    from llm.data.tokenizers import ByteTokenizer
+    from llm.evaluate import loss_by_position
+
+    tok = ByteTokenizer()
+    r = loss_by_position(_Oracle(tok.vocab_size), None, tok, ["abcdefghi" * 40], seq_len=64, bucket=16)
+    assert r["windows"] == 360 // 65 and len(r["loss"]) == 4
+    right = math.log(1 + (tok.vocab_size - 1) * math.exp(-10.0))  # -log softmax of the 10.0 logit
+    np.testing.assert_allclose(r["loss"][:-1], right, rtol=1e-4)
+    assert r["loss"][-1] > 2 * right  # the last position's "next token" is rolled in from the start
