@@ -22,11 +22,21 @@ def get_sweep():
             "qk-norm": {A + "qk_norm": True},
             "softcap": {A + "logit_softcap": 20.0},
             "local-global": {A + "pattern": ("local", "causal"), A + "local.window": 64},
-            "mla": {A + "kind": "mla", A + "mla.kv_lora_rank": 64, A + "mla.qk_nope_head_dim": 48,
-                    A + "mla.qk_rope_head_dim": 16, A + "mla.v_head_dim": 64},  # fmt: skip
+            "mla": {
+                A + "kind": "mla",
+                A + "mla.kv_lora_rank": 64,
+                A + "mla.qk_nope_head_dim": 48,
+                A + "mla.qk_rope_head_dim": 16,
+                A + "mla.v_head_dim": 64,
+            },  # fmt: skip
             "differential": {A + "kind": "differential"},
             "sinks": {A + "sinks": True},
         },
         "axes": {"train.seed": [0, 1]},
-        "set": {"train.steps": 150, "train.eval_every": 75, "checkpoint.every": 0, "model.monitor_logits": True},
+        "set": {
+            "train.steps": 150,
+            "train.eval_every": 75,
+            "checkpoint.every": 0,
+            "model.monitor_logits": True,
+        },
     }
