@@ -194,7 +194,7 @@ README_FLAG_VALUES = {
     "model.attention.mla.kv_lora_rank": 24, "model.attention.mla.qk_nope_head_dim": 16,
     "model.attention.mla.qk_rope_head_dim": 8, "model.attention.mla.v_head_dim": 16, "model.attention.mla.absorb": True,
     "model.final_logit_softcap": 30.0, "model.monitor_logits": True,
-    "model.attention.infini.segment_len": 16, "model.attention.infini.update": "delta",
+    "model.attention.infini.segment_len": 16, "model.attention.infini.update_rule": "delta",
     "model.attention.infini.gate_init": -1.0, "model.attention.infini.memory_positional": True,
     "model.attention.infini.first_segment": "eps", "model.attention.infini.bptt_segments": 2,
 }  # fmt: skip

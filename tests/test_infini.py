@@ -85,7 +85,7 @@ def reference(cfg, p, x, pos, seg):
                         continue
                     seen = True
                     sk, vv = elu1(km[idx]), v[idx]
-                    if f.update == "delta":
+                    if f.update_rule == "delta":
                         vv = vv - (sk @ mem) / (sk @ z + 1e-6)[:, None]
                     mem, z = mem + sk.T @ vv, z + sk.sum(0)
                 sq = elu1(qm[i])
@@ -101,7 +101,7 @@ def reference(cfg, p, x, pos, seg):
 @pytest.mark.parametrize("first_segment", ["skip", "eps"])
 @pytest.mark.parametrize("update", ["linear", "delta"])
 def test_layer_equals_the_naive_segment_loop(update, first_segment, packed):
-    cfg = cfg_of(update=update, first_segment=first_segment)
+    cfg = cfg_of(update_rule=update, first_segment=first_segment)
     x, pos, seg = _inputs(packed)
     got, p = run_layer(cfg, x, pos, seg)
     np.testing.assert_allclose(got, reference(cfg, p, x, pos, seg), rtol=1e-4, atol=1e-5)
@@ -143,7 +143,7 @@ def test_bptt_segments_cut_gradients_through_the_memory():
 
 
 def test_streaming_decode_over_ten_segments_equals_the_full_forward():
-    cfg = dataclasses.replace(cfg_of(update="delta"), scan_layers=True)
+    cfg = dataclasses.replace(cfg_of(update_rule="delta"), scan_layers=True)
     n = 10 * SEG + 3
     tokens = jax.random.randint(jax.random.PRNGKey(5), (B, n), 0, 64)
     model = Transformer(cfg)
@@ -187,7 +187,7 @@ def test_gate_is_logged_per_head_and_never_decayed():
 def test_config_errors_name_the_field():
     from llm.registry import ConfigError
 
-    for kw, msg in ((dict(update="sum"), "infini.update"), (dict(segment_len=0), "segment_len"),
+    for kw, msg in ((dict(update_rule="sum"), "infini.update_rule"), (dict(segment_len=0), "segment_len"),
                     (dict(first_segment="x"), "first_segment"), (dict(bptt_segments=0), "bptt_segments")):  # fmt: skip
         with pytest.raises(ConfigError, match=msg):
             cfg_of(**kw)

@@ -40,7 +40,9 @@ class InfiniConfig:
     """Infini-attention (`kind=infini`; llm/model/infini.py; Munkhdalai et al. 2024)."""
 
     segment_len: int = 64  # tokens per segment: local softmax attention inside, compressive memory across
-    update: str = "linear"  # memory update: linear (M += s(K)^T V) | delta (M += s(K)^T (V - retrieved))
+    # memory update: linear (M += s(K)^T V) | delta (M += s(K)^T (V - retrieved)). Not called `update`:
+    # ml_collections' ConfigDict.update would shadow it on the command line.
+    update_rule: str = "linear"
     gate_init: float = 0.0  # initial beta; sigmoid(beta) mixes memory (1) and local (0) attention
     memory_positional: bool = False  # rotate Q/K on the memory path by RoPE too (off, as working ports do)
     first_segment: str = (
@@ -211,8 +213,8 @@ class ModelConfig:
         if "infini" in kinds:
             f = a.infini
             _check(f.segment_len >= 1, f"model.attention.infini.segment_len={f.segment_len} must be >= 1")
-            _check(f.update in ("linear", "delta"),
-                   f"model.attention.infini.update={f.update!r}: choose 'linear' or 'delta'")  # fmt: skip
+            _check(f.update_rule in ("linear", "delta"),
+                   f"model.attention.infini.update_rule={f.update_rule!r}: choose 'linear' or 'delta'")  # fmt: skip
             _check(f.first_segment in ("skip", "eps"),
                    f"model.attention.infini.first_segment={f.first_segment!r}: choose 'skip' or 'eps'")  # fmt: skip
             _check(f.bptt_segments is None or f.bptt_segments >= 1,

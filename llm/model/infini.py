@@ -153,7 +153,7 @@ class InfiniAttention(CausalSelfAttention):
             has = ((mdoc == d1) & (d1 != 0))[:, None]
             out = retrieve(sq, mem, z, has, gate_N, a_dot, f.first_segment)[:, 0]
             full = c == n_seg - 1
-            mem2, z2, mdoc2 = fold(mem, z, mdoc, skm_, sv_, sdoc_, f.update)
+            mem2, z2, mdoc2 = fold(mem, z, mdoc, skm_, sv_, sdoc_, f.update_rule)
             mem, z, mdoc = (jnp.where(full, new, old) for new, old in ((mem2, mem), (z2, z), (mdoc2, mdoc)))
             return (sk_, sv_, skm_, sdoc_, mem, z, mdoc), out
 
@@ -193,7 +193,7 @@ def segments_forward(ql, kl, v, qm, km, doc_BT, gate_N, f, core=attention_core.c
         sq = sigma(qm_s).reshape(b, seg, kv, n // kv, h)
         has = (doc_s == mdoc[:, None]) & (doc_s != 0)
         out = retrieve(sq, mem, z, has, gate_N, a_dot, f.first_segment)
-        mem, z, mdoc = fold(mem, z, mdoc, sigma(km_s), v_s, doc_s, f.update)
+        mem, z, mdoc = fold(mem, z, mdoc, sigma(km_s), v_s, doc_s, f.update_rule)
         mem = constrain(mem, ("batch", "act_kv_heads", None, None))
         z = constrain(z, ("batch", "act_kv_heads", None))
         return (mem, z, mdoc), out
