@@ -478,6 +478,9 @@ MESH_CASES = {
     },  # fmt: skip
     "mla": {"model.attention.kind": "mla", "model.attention.mla.q_lora_rank": 16},
     "differential+nope_every": {"model.attention.kind": "differential", "model.attention.nope_every": 2},
+    # Infini-attention's memory (M, z) is sharded along kv heads with the projections.
+    "infini": {"model.attention.kind": "infini", "model.attention.infini.segment_len": 16,
+               "model.attention.infini.update_rule": "delta"},  # fmt: skip
 }
 MESHES = [(2, 2, 1, 2), (1, 4, 1, 2)]  # (data, fsdp, expert, tensor)
 MESH_STEPS = 4
