@@ -241,3 +241,10 @@ def test_spike_window_works_from_the_command_line(repo_root, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl")]
     assert "spikes_total" in rows[0]
+
+
+def test_print_config_needs_no_workdir_but_training_does(repo_root):
+    r = _cli(repo_root, "--config=configs/tiny.py", "--print_config", "--config.model.attention.kind=local")
+    assert r.returncode == 0 and json.loads(r.stdout)["model"]["attention"]["kind"] == "local"
+    r = _cli(repo_root, "--config=configs/tiny.py")
+    assert r.returncode != 0 and "--workdir is required" in r.stderr
