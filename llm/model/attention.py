@@ -196,18 +196,20 @@ class CausalSelfAttention(nn.Module):
     def positional(self) -> Positional:
         return _positional(self.cfg.replace(positional="none") if self.nope else self.cfg)
 
-    def qkv(self, x_BTD, positions_BT):
-        """Rotated (unless NoPE), QK-normed queries B T N H and keys / values B T K H."""
-        a, h = self.attn_cfg, self.cfg.head_dim
-        pos = self.positional()
+    def project_qkv(self, x_BTD):
+        """Queries B T N H, keys and values B T K H: projected and QK-normed, not yet rotated."""
+        a = self.attn_cfg
         q_BTNH = self.project(x_BTD, a.n_heads, "heads", "query")
         k_BTKH = self.project(x_BTD, a.kv_heads, "kv_heads", "key")
         v_BTKH = self.project(x_BTD, a.kv_heads, "kv_heads", "value")
         if a.qk_norm:  # before RoPE, as OLMo-2 / Gemma-3: bounds the logits whatever the positions
-            q_BTNH, k_BTKH = (
-                head_norm(self.cfg, "q_norm", h)(q_BTNH),
-                head_norm(self.cfg, "k_norm", h)(k_BTKH),
-            )
+            q_BTNH, k_BTKH = head_norm(self.cfg, "q_norm")(q_BTNH), head_norm(self.cfg, "k_norm")(k_BTKH)
+        return q_BTNH, k_BTKH, v_BTKH
+
+    def qkv(self, x_BTD, positions_BT):
+        """Rotated (unless NoPE), QK-normed queries B T N H and keys / values B T K H."""
+        pos = self.positional()
+        q_BTNH, k_BTKH, v_BTKH = self.project_qkv(x_BTD)
         q_BTNH, k_BTKH = pos.rotate(q_BTNH, positions_BT), pos.rotate(k_BTKH, positions_BT)
         q_BTNH = constrain(q_BTNH, ("batch", "length", "act_heads", None))
         k_BTKH = constrain(k_BTKH, ("batch", "length", "act_kv_heads", None))

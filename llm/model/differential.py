@@ -36,11 +36,7 @@ class DifferentialAttention(CausalSelfAttention):
         n, kv, h = a.n_heads, a.kv_heads, cfg.head_dim
         half = h // 2
         pos = self.positional()
-        q_BTNH = self.project(x_BTD, n, "heads", "query")
-        k_BTKH = self.project(x_BTD, kv, "kv_heads", "key")
-        v_BTKH = self.project(x_BTD, kv, "kv_heads", "value")
-        if a.qk_norm:
-            q_BTNH, k_BTKH = head_norm(cfg, "q_norm")(q_BTNH), head_norm(cfg, "k_norm")(k_BTKH)
+        q_BTNH, k_BTKH, v_BTKH = self.project_qkv(x_BTD)
 
         def halves(x, heads):  # [B, T, X, H] -> two rotary sub-heads [B, T, X, H/2]
             b, t = x.shape[:2]

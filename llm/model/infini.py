@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from llm.model import attention_core, channels
-from llm.model.attention import CausalSelfAttention, head_norm, score_opts
+from llm.model.attention import CausalSelfAttention, score_opts
 from llm.model.config import ModelConfig
 from llm.model.context import LayerContext
 from llm.model.registries import ATTENTION
@@ -98,13 +98,9 @@ class InfiniAttention(CausalSelfAttention):
     def __call__(self, x_BTD, ctx: LayerContext):
         cfg, a = self.cfg, self.attn_cfg
         f = a.infini
-        n, kv = a.n_heads, a.kv_heads
+        n = a.n_heads
         pos = self.positional()
-        q_BTNH = self.project(x_BTD, n, "heads", "query")
-        k_BTKH = self.project(x_BTD, kv, "kv_heads", "key")
-        v_BTKH = self.project(x_BTD, kv, "kv_heads", "value")
-        if a.qk_norm:
-            q_BTNH, k_BTKH = head_norm(cfg, "q_norm")(q_BTNH), head_norm(cfg, "k_norm")(k_BTKH)
+        q_BTNH, k_BTKH, v_BTKH = self.project_qkv(x_BTD)
         ql, kl = pos.rotate(q_BTNH, ctx.positions_BT), pos.rotate(k_BTKH, ctx.positions_BT)
         qm, km = (ql, kl) if f.memory_positional else (q_BTNH, k_BTKH)
         beta_N = self.param(

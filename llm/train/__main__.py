@@ -29,7 +29,8 @@ _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False, "Print the resolved config as JSON and exit (nothing is trained or written)."
 )
 flags.register_multi_flags_validator(
-    ["workdir", "print_config"], lambda f: bool(f["workdir"]) or f["print_config"],
+    ["workdir", "print_config"],
+    lambda f: bool(f["workdir"]) or f["print_config"],
     message="--workdir is required (a run directory), except with --print_config",
 )
 
