@@ -8,7 +8,8 @@ Shape: GPT-2-124M (d 768, 12 layers, 12 heads of 64, vocab 50257) with RoPE (MLA
 positions for its shared key; the other layouts get the same, so only the attention differs),
 fp32, random weights, greedy. Layouts: MHA (12 KV heads), GQA (4), MQA (1), MLA (kv latent 128,
 query/key channels 64 + 32 rotary, v 64; DeepSeek-V2's ratios scaled down) decoded naively
-(latent expanded to per-head keys/values every step) and with the absorbed weights.
+(latent expanded to per-head keys/values every step) and with the absorbed weights, and MHA with
+every layer a sliding window of 256 (ring-buffer cache).
 
 Cache bytes per token are read from the engine's real cache (`engine.init_cache`): every cache
 array with a slot axis, summed over layers, per slot and row. Tokens/s is the on-device
@@ -44,16 +45,18 @@ LAYOUTS = {  # name: AttentionConfig overrides (n_heads from the shape)
     "MQA": dict(n_kv_heads=1),
     "MLA": dict(kind="mla", mla=MLA),
     "MLA-absorb": dict(kind="mla", mla={**MLA, "absorb": True}),
+    "local-256": dict(kind="local", local={"window": 256}),  # MHA heads, a ring of 256 slots
 }
 
 
 def build(preset: str, layout: dict, max_len: int):
     from llm.model import Transformer  # noqa: PLC0415
-    from llm.model.config import AttentionConfig, MLAConfig, ModelConfig  # noqa: PLC0415
+    from llm.model.config import AttentionConfig, LocalConfig, MLAConfig, ModelConfig  # noqa: PLC0415
 
     vocab, d, layers, heads, _ = SHAPES[preset]
     att = dict(layout)
     mla = MLAConfig(**att.pop("mla", {}))
+    att["local"] = LocalConfig(**att.pop("local", {}))
     if preset == "tiny":  # head_dim 16 there: MLA's dims shrink by 4
         mla = MLAConfig(
             kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, absorb=mla.absorb
@@ -67,13 +70,14 @@ def build(preset: str, layout: dict, max_len: int):
 
 
 def cache_bytes_per_token(model, max_len: int) -> int:
-    """Bytes of the attention layers' per-slot cache arrays (keys/values, or latent + rotary key)
-    for one row, all layers, divided by the slots."""
+    """Bytes of the attention layers' cache arrays (keys/values, latent + rotary key, or a local
+    layer's ring) for one row of `max_len` slots, all layers, divided by the slots (a ring's bytes
+    do not grow with max_len, so its per-token figure falls with length)."""
     from llm.infer import engine  # noqa: PLC0415
 
     shapes = jax.eval_shape(lambda: engine.init_cache(model, 1, max_len))
     total = sum(int(np.prod(s.shape)) * s.dtype.itemsize for path, s in jax.tree_util.tree_leaves_with_path(shapes)
-                if "cached_" in jax.tree_util.keystr(path))  # fmt: skip
+                if "cached_" in jax.tree_util.keystr(path) or "ring_" in jax.tree_util.keystr(path))  # fmt: skip
     return total // max_len
 
 
@@ -141,7 +145,7 @@ def main() -> int:
 
 def table(results, prompts, meta) -> str:
     mha = next((r for r in results if r["layout"] == "MHA"), results[0])
-    head = (["layout", "params", "cache bytes / token", "vs MHA"]
+    head = (["layout", "params", f"cache bytes / token ({meta['prompt_lens'][-1] + meta['new_tokens']} slots)", "vs MHA"]
             + [f"tok/s, prompt {p} + {meta['new_tokens']}" for p in prompts])  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
