@@ -93,6 +93,12 @@ def _softmax_row(scores, sink=None):
     return p[:-1]
 
 
+def _head_qkv(p, x_TD, head, kv_head):
+    """One query head's q and its kv head's k, v for one row: [T, H] each."""
+    return (x_TD @ p["query"]["kernel"][:, head], x_TD @ p["key"]["kernel"][:, kv_head],
+            x_TD @ p["value"]["kernel"][:, kv_head])  # fmt: skip
+
+
 def reference_mha(cfg, p, x, pos, seg, window=None, nope=False):
     """causal / local / nope with qk_norm, logit_softcap and sinks, GQA by head // group."""
     a, h, eps = cfg.attention, cfg.head_dim, cfg.norm_eps
@@ -101,10 +107,7 @@ def reference_mha(cfg, p, x, pos, seg, window=None, nope=False):
     out = np.zeros((B, T, a.n_heads, h))
     for bi in range(B):
         for head in range(a.n_heads):
-            kvh = head // g
-            q = x[bi] @ p["query"]["kernel"][:, head]
-            k = x[bi] @ p["key"]["kernel"][:, kvh]
-            v = x[bi] @ p["value"]["kernel"][:, kvh]
+            q, k, v = _head_qkv(p, x[bi], head, head // g)
             if a.qk_norm:
                 q, k = rmsnorm(q, p["q_norm"]["scale"], eps), rmsnorm(k, p["k_norm"]["scale"], eps)
             if not nope:
@@ -161,10 +164,7 @@ def reference_differential(cfg, p, x, pos, seg, layer=0):
     out = np.zeros((B, T, a.n_heads, h))
     for bi in range(B):
         for head in range(a.n_heads):
-            kvh = head // g
-            q = x[bi] @ p["query"]["kernel"][:, head]
-            k = x[bi] @ p["key"]["kernel"][:, kvh]
-            v = x[bi] @ p["value"]["kernel"][:, kvh]
+            q, k, v = _head_qkv(p, x[bi], head, head // g)
 
             def rot(z, part):
                 return np.stack([rope_vec(z[i, part * half : (part + 1) * half], pos[bi, i], cfg.rope_theta)
@@ -479,8 +479,11 @@ MESH_CASES = {
     "mla": {"model.attention.kind": "mla", "model.attention.mla.q_lora_rank": 16},
     "differential+nope_every": {"model.attention.kind": "differential", "model.attention.nope_every": 2},
     # Infini-attention's memory (M, z) is sharded along kv heads with the projections.
-    "infini": {"model.attention.kind": "infini", "model.attention.infini.segment_len": 16,
-               "model.attention.infini.update_rule": "delta"},  # fmt: skip
+    "infini": {
+        "model.attention.kind": "infini",
+        "model.attention.infini.segment_len": 16,
+        "model.attention.infini.update_rule": "delta",
+    },  # fmt: skip
 }
 MESHES = [(2, 2, 1, 2), (1, 4, 1, 2)]  # (data, fsdp, expert, tensor)
 MESH_STEPS = 4
