@@ -148,9 +148,12 @@ class InfiniAttention(CausalSelfAttention):
             sq = sigma(qm1)[:, None].reshape(b, 1, kv, n // kv, h)
             has = ((mdoc == d1) & (d1 != 0))[:, None]
             out = retrieve(sq, mem, z, has, gate_N, a_dot, f.first_segment)[:, 0]
-            full = c == n_seg - 1
-            mem2, z2, mdoc2 = fold(mem, z, mdoc, skm_, sv_, sdoc_, f.update_rule)
-            mem, z, mdoc = (jnp.where(full, new, old) for new, old in ((mem2, mem), (z2, z), (mdoc2, mdoc)))
+            # Fold only when the segment is full (a cond, not a select: no fold work on other steps).
+            mem, z, mdoc = jax.lax.cond(
+                c == n_seg - 1,
+                lambda: fold(mem, z, mdoc, skm_, sv_, sdoc_, f.update_rule),
+                lambda: (mem, z, mdoc),
+            )
             return (sk_, sv_, skm_, sdoc_, mem, z, mdoc), out
 
         slots_T = ctx.decode_index + jnp.arange(t)
