@@ -4,9 +4,11 @@
 
 Compiles (never runs) the gradient of the training loss (llm/train/step.py's `_loss`) for batch 1
 at each length and reads XLA's buffer assignment (`compiled.memory_analysis()` on CPU: arguments +
-outputs + temporaries - aliased). Model: d 128, 2 layers, 4 heads, vocab 512, RoPE, fp32. Infini:
-segments of `--segment` tokens (a rematerialised scan carrying the memory); causal: the fused
-attention core over the full T x T square. Writes benchmarks/results/infini_memory.{json,md,png}.
+outputs + temporaries - aliased). Model: d 128, 2 layers, 4 heads, vocab 512, RoPE, fp32. Three
+modes: `infini-chunked` (`infini.chunk_segments=1`: the whole stack one segment at a time,
+llm/train/recurrent.py), `infini` (each layer scans its segments, the rest of the model sees the
+whole sequence) and `causal` (the fused attention core over the full T x T square); segments of
+`--segment` tokens. Writes benchmarks/results/infini_memory.{json,md,png}.
 Compile-only, so the numbers do not depend on the machine's load.
 """
 
@@ -24,15 +26,18 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+MODES = {"infini-chunked": ("infini", 1), "infini": ("infini", 0), "causal": ("causal", 0)}
 
-def peak_bytes(kind: str, t: int, segment: int) -> dict:
+
+def peak_bytes(mode: str, t: int, segment: int) -> dict:
     from llm.model import Transformer  # noqa: PLC0415
     from llm.model.config import AttentionConfig, InfiniConfig, ModelConfig  # noqa: PLC0415
     from llm.train.step import _loss  # noqa: PLC0415
 
+    kind, chunk = MODES[mode]
     cfg = ModelConfig(vocab_size=512, d_model=128, n_layers=2, max_seq_len=t, positional="rope", norm="rmsnorm",
                       mlp="swiglu", use_bias=False,
-                      attention=AttentionConfig(n_heads=4, kind=kind, infini=InfiniConfig(segment_len=segment)))  # fmt: skip
+                      attention=AttentionConfig(n_heads=4, kind=kind, infini=InfiniConfig(segment_len=segment, chunk_segments=chunk)))  # fmt: skip
     model = Transformer(cfg)
     tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
     params = jax.eval_shape(
@@ -42,7 +47,7 @@ def peak_bytes(kind: str, t: int, segment: int) -> dict:
     grad = jax.jit(jax.grad(lambda p, b: _loss(p, model, b, jax.random.PRNGKey(0), 1.0, 1.0)[0]))
     m = grad.lower(params, batch).compile().memory_analysis()
     peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    return {"kind": kind, "seq_len": t, "peak_bytes": int(peak), "temp_bytes": int(m.temp_size_in_bytes)}
+    return {"kind": mode, "seq_len": t, "peak_bytes": int(peak), "temp_bytes": int(m.temp_size_in_bytes)}
 
 
 def main() -> int:
@@ -53,30 +58,25 @@ def main() -> int:
     a = ap.parse_args()
     lengths = [int(x) for x in a.lengths.split(",")]
     rows = []
-    for kind in ("infini", "causal"):
+    for kind in MODES:
         for t in lengths:
             r = peak_bytes(kind, t, a.segment)
             rows.append(r)
-            print(f"{kind:7s} T={t:6d}: peak {r['peak_bytes'] / 2**20:9.1f} MiB", flush=True)
+            print(f"{kind:14s} T={t:6d}: peak {r['peak_bytes'] / 2**20:9.1f} MiB", flush=True)
     with open(a.out + ".json", "w") as f:
         json.dump({"segment": a.segment, "backend": jax.default_backend(), "jax": jax.__version__, "rows": rows}, f,
                   indent=1)  # fmt: skip
     base = {
-        k: next(r["peak_bytes"] for r in rows if r["kind"] == k and r["seq_len"] == lengths[0])
-        for k in ("infini", "causal")
+        k: next(r["peak_bytes"] for r in rows if r["kind"] == k and r["seq_len"] == lengths[0]) for k in MODES
     }
-    lines = [
-        f"| seq len | infini peak MiB | × its {lengths[0]} | causal peak MiB | × its {lengths[0]} |",
-        "|---|---|---|---|---|",
-    ]
+    head = " | ".join(f"{k} peak MiB | × its {lengths[0]:,}" for k in MODES)
+    lines = [f"| seq len | {head} |", "|---|" + "---|---|" * len(MODES)]
     for t in lengths:
-        i, c = (
-            next(r["peak_bytes"] for r in rows if r["kind"] == k and r["seq_len"] == t)
-            for k in ("infini", "causal")
-        )
-        lines.append(
-            f"| {t:,} | {i / 2**20:,.1f} | {i / base['infini']:.2f} | {c / 2**20:,.1f} | {c / base['causal']:.2f} |"
-        )
+        cells = []
+        for k in MODES:
+            p = next(r["peak_bytes"] for r in rows if r["kind"] == k and r["seq_len"] == t)
+            cells.append(f"{p / 2**20:,.1f} | {p / base[k]:.2f}")
+        lines.append(f"| {t:,} | " + " | ".join(cells) + " |")
     md = (
         "\n".join(lines)
         + f"\n\nsegment {a.segment}; d 128, 2 layers, 4 heads, fp32, batch 1; compiled gradient step, XLA:CPU buffer assignment"
@@ -89,7 +89,7 @@ def main() -> int:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for kind in ("infini", "causal"):
+    for kind in MODES:
         ax.plot(lengths, [r["peak_bytes"] / 2**20 for r in rows if r["kind"] == kind], "o-", label=kind)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

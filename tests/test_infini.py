@@ -167,6 +167,49 @@ def test_streaming_decode_over_ten_segments_equals_the_full_forward():
     assert layer_cache and all(s[2] == SEG for s in layer_cache.values())  # [layers, B, SEG, K, H]
 
 
+@pytest.mark.parametrize(
+    "scan,chunk_segments,n", [(True, 1, 10 * SEG + 3), (False, 2, 4 * SEG), (True, 1, 12 * SEG)]
+)
+def test_model_level_recurrence_equals_the_full_sequence_step(scan, chunk_segments, n):
+    """The step run chunk by chunk (llm/train/recurrent.py) gives the full-sequence loss, gradients
+    and eval sums; packed documents cross chunk boundaries; 12 chunks take the nested scan."""
+    from llm.train import recurrent, step
+
+    cfg = dataclasses.replace(cfg_of(update_rule="delta"), scan_layers=scan)
+    chunked = dataclasses.replace(cfg, attention=dataclasses.replace(
+        cfg.attention, infini=dataclasses.replace(cfg.attention.infini, chunk_segments=chunk_segments)))  # fmt: skip
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (B, n + 1), 0, 64)
+    seg = np.ones((B, n), np.int32)
+    seg[1, 9:] = 2  # a second document starting mid-chunk, running across chunks
+    seg[1, n - 4 :] = 0  # padding at the end
+    pos = np.stack([np.arange(n), np.where(np.arange(n) < 9, np.arange(n), np.arange(n) - 9)]).astype(
+        np.int32
+    )
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "positions": jnp.asarray(pos),
+             "segment_ids": jnp.asarray(seg), "loss_mask": jnp.asarray(seg != 0)}  # fmt: skip
+    assert recurrent.chunk_len(chunked) == chunk_segments * SEG
+    if n == 12 * SEG:
+        assert recurrent._group_size(12) == 3  # nested: 4 groups of 3 chunks
+    params = nn.meta.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), batch["tokens"])["params"])
+    rng = jax.random.PRNGKey(0)
+    outs = []
+    for c in (cfg, chunked):
+        model = Transformer(c)
+        (loss, (nll, aux)), grads = jax.value_and_grad(step._loss, has_aux=True)(
+            params, model, batch, rng, 7.0, 1.0
+        )
+        sums = step.eval_step(params, batch, model=model, token_bytes=jnp.ones((64,)))
+        outs.append((loss, grads, sums, aux["metrics"]))
+    (l0, g0, s0, m0), (l1, g1, s1, m1) = outs
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=1e-6), g0, g1
+    )
+    for k in s0:
+        np.testing.assert_allclose(float(s1[k]), float(s0[k]), rtol=1e-5)
+    np.testing.assert_allclose(float(m1["infini_gate"]), float(m0["infini_gate"]), rtol=1e-6)
+
+
 def test_gate_is_logged_per_head_and_never_decayed():
     from llm.config import OptimConfig
     from llm.model.channels import layer_metrics
@@ -191,6 +234,9 @@ def test_config_errors_name_the_field():
                     (dict(first_segment="x"), "first_segment"), (dict(bptt_segments=0), "bptt_segments")):  # fmt: skip
         with pytest.raises(ConfigError, match=msg):
             cfg_of(**kw)
+    a = AttentionConfig(n_heads=HEADS, pattern=("local", "infini"), infini=InfiniConfig(chunk_segments=1))
+    with pytest.raises(ConfigError, match=r"chunk_segments=1 .*\['infini', 'local'\]"):
+        dataclasses.replace(cfg_of(), attention=a)
 
 
 # ---- passkey retrieval and loss by position ----------------------------------------------------------

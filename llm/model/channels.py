@@ -28,6 +28,9 @@ from llm.model import layout
 LOSSES = "losses"
 METRICS = "metrics"
 PARAM_UPDATES = "param_updates"
+# State a layer carries from one chunk of a sequence to the next under model-level recurrence
+# (Infini-attention's (M, z); llm/train/recurrent.py). Not a channel out: threaded back in.
+MEMORY = "memory"
 
 
 def add_loss(module: nn.Module, name: str, value, weight: float = 1.0) -> None:

@@ -49,6 +49,10 @@ class InfiniConfig:
         "skip"  # skip: no memory term where a document has none yet | eps: eps-guarded always
     )
     bptt_segments: int | None = None  # stop gradients through the memory every k segments; None = full
+    # 0: each layer scans its segments over the whole sequence (activations linear in T). k >= 1:
+    # the train/eval step runs the whole stack over k segments at a time, carrying every layer's
+    # (M, z) (llm/train/recurrent.py): memory flat in T; every attention layer must be infini.
+    chunk_segments: int = 0
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,11 @@ class ModelConfig:
                    f"model.attention.infini.first_segment={f.first_segment!r}: choose 'skip' or 'eps'")  # fmt: skip
             _check(f.bptt_segments is None or f.bptt_segments >= 1,
                    "model.attention.infini.bptt_segments must be >= 1 (or unset = full backpropagation)")  # fmt: skip
+            _check(f.chunk_segments >= 0, "model.attention.infini.chunk_segments must be >= 0 (0 = off)")
+            _check(not f.chunk_segments or kinds == {"infini"},
+                   f"model.attention.infini.chunk_segments={f.chunk_segments} runs the stack chunk by chunk, so every "
+                   f"attention layer must carry its past in a memory: kinds {sorted(kinds)} include others; use "
+                   "chunk_segments=0 or make every layer infini")  # fmt: skip
         for name in ("logit_softcap",):
             v = getattr(a, name)
             _check(v is None or v > 0, f"model.attention.{name}={v} must be > 0 (or unset)")

@@ -8,7 +8,7 @@ M (H x Hv) and normaliser z (H) carry what earlier segments held; with s(x) = EL
     combine   A = sigmoid(beta) * A_mem + (1 - sigmoid(beta)) * A_dot     (beta learned per head)
     update    linear: M += s(K)^T V          delta: M += s(K)^T (V - s(K) M / (s(K) z))      z += sum s(K)
 
-Choices the paper leaves open, each a flag under `model.attention.infini.`: `update`, `gate_init`,
+Choices the paper leaves open, each a flag under `model.attention.infini.`: `update_rule`, `gate_init`,
 `memory_positional` (rotate the memory path's Q/K; off by default), `first_segment` (`skip`: where
 a document has no memory yet the output is A_dot alone; `eps`: always gated, A_mem = s(Q)M /
 (s(Q)z + eps), i.e. 0 on empty memory), `bptt_segments` (stop gradients through M, z every k
@@ -20,8 +20,10 @@ the segment are folded in; a document that starts in the segment resets it), and
 only if it belongs to that document. Since documents are contiguous this is exact.
 
 Training runs the segments in a `lax.scan` carrying (M, z) in f32, each segment rematerialised, so
-activation memory grows with the segment, not the sequence (the projections outside the scan are
-linear in T). Decoding keeps the current segment's keys/values (`segment_len` slots) and folds them
+the attention's memory grows with the segment, not the sequence (the projections outside the scan
+are linear in T). With `chunk_segments` set, the step runs the whole model one chunk at a time
+(llm/train/recurrent.py): the layer then reads its starting (M, z) from, and leaves its final one
+in, the `memory` collection, and nothing in the model is linear in T. Decoding keeps the current segment's keys/values (`segment_len` slots) and folds them
 into (M, z) when the segment fills: the cache is bounded for any generated length. A multi-token
 decode call (prefill) runs the same one-token step over its tokens in a scan, so it can start at
 any slot.
@@ -116,8 +118,20 @@ class InfiniAttention(CausalSelfAttention):
                                  sink_N=opts.sink_N)  # fmt: skip
         if ctx.decoding:
             out_BTNV = self._decode(ql, kl, v_BTKH, qm, km, doc_BT, gate_N, ctx, core)
+        elif self.is_mutable_collection(channels.MEMORY):
+            # Model-level recurrence (llm/train/recurrent.py): this call is one chunk of the
+            # sequence; (M, z, doc) come from the previous chunk and go on to the next.
+            b, _, kv, h = k_BTKH.shape
+            mem = self.variable(
+                channels.MEMORY, "memory", jnp.zeros, (b, kv, h, v_BTKH.shape[-1]), jnp.float32
+            )
+            z = self.variable(channels.MEMORY, "memory_z", jnp.zeros, (b, kv, h), jnp.float32)
+            mdoc = self.variable(channels.MEMORY, "memory_doc", jnp.zeros, (b,), jnp.int32)
+            out_BTNV, (mem.value, z.value, mdoc.value) = segments_forward(
+                ql, kl, v_BTKH, qm, km, doc_BT, gate_N, f, core, carry=(mem.value, z.value, mdoc.value)
+            )
         else:
-            out_BTNV = segments_forward(ql, kl, v_BTKH, qm, km, doc_BT, gate_N, f, core)
+            out_BTNV, _ = segments_forward(ql, kl, v_BTKH, qm, km, doc_BT, gate_N, f, core)
         return self.out_proj(out_BTNV.astype(q_BTNH.dtype))
 
     def _decode(self, ql, kl, v, qm, km, doc_BT, gate_N, ctx: LayerContext, core):
@@ -164,9 +178,10 @@ class InfiniAttention(CausalSelfAttention):
         return jnp.moveaxis(out_TBNV, 0, 1)
 
 
-def segments_forward(ql, kl, v, qm, km, doc_BT, gate_N, f, core=attention_core.causal_core):
-    """The full-sequence path, a rematerialised `lax.scan` over segments: output [B, T, N, Hv] (f32).
-    `core(q, k, v, mask)` is the local attention (the fused core with the layer's options)."""
+def segments_forward(ql, kl, v, qm, km, doc_BT, gate_N, f, core=attention_core.causal_core, carry=None):
+    """The full-sequence path, a rematerialised `lax.scan` over segments: (output [B, T, N, Hv] f32,
+    final (M, z, doc)). `core(q, k, v, mask)` is the local attention (the fused core with the
+    layer's options); `carry` is the (M, z, doc) left by earlier tokens (None: empty memory)."""
     b, t, n, h = ql.shape
     kv, hv = kl.shape[2], v.shape[-1]
     seg = f.segment_len
@@ -197,11 +212,12 @@ def segments_forward(ql, kl, v, qm, km, doc_BT, gate_N, f, core=attention_core.c
         z = constrain(z, ("batch", "act_kv_heads", None))
         return (mem, z, mdoc), out
 
-    carry = (
-        jnp.zeros((b, kv, h, hv), jnp.float32),
-        jnp.zeros((b, kv, h), jnp.float32),
-        jnp.zeros((b,), jnp.int32),
-    )
+    if carry is None:
+        carry = (
+            jnp.zeros((b, kv, h, hv), jnp.float32),
+            jnp.zeros((b, kv, h), jnp.float32),
+            jnp.zeros((b,), jnp.int32),
+        )
     xs = tuple(split(x) for x in (ql, kl, v, qm, km, doc_BT)) + (jnp.arange(n_segs),)
-    _, out_SBTNV = jax.lax.scan(jax.checkpoint(body), carry, xs)
-    return jnp.moveaxis(out_SBTNV, 0, 1).reshape(b, n_segs * seg, n, hv)[:, :t]
+    carry, out_SBTNV = jax.lax.scan(jax.checkpoint(body), carry, xs)
+    return jnp.moveaxis(out_SBTNV, 0, 1).reshape(b, n_segs * seg, n, hv)[:, :t], carry

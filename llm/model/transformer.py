@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from llm.model import channels, dots, layout
 from llm.model.attention import _positional
 from llm.model.block import Block, SuperBlock
-from llm.model.channels import LOSSES, METRICS, PARAM_UPDATES
+from llm.model.channels import LOSSES, MEMORY, METRICS, PARAM_UPDATES
 from llm.model.config import ModelConfig
 from llm.model.context import decode_context, training_context
 from llm.model.layers import dtypes, init, make_norm
@@ -29,7 +29,7 @@ REMAT.register("dots_no_batch")(lambda: jax.checkpoint_policies.dots_with_no_bat
 REMAT.register("attention_out")(lambda: jax.checkpoint_policies.save_only_these_names("attention_out"))
 
 # Collections whose variables get the scanned stack's leading repeat axis.
-SCANNED_COLLECTIONS = ("params", "intermediates", LOSSES, METRICS, PARAM_UPDATES, "cache")
+SCANNED_COLLECTIONS = ("params", "intermediates", LOSSES, METRICS, PARAM_UPDATES, "cache", MEMORY)
 
 
 class Transformer(nn.Module):

@@ -21,6 +21,7 @@ from llm.model.channels import (
     layer_metrics,
     total_losses,
 )
+from llm.train import recurrent
 from llm.train.state import TrainState
 
 
@@ -46,12 +47,19 @@ def forward(params, model, batch, rng=None, train: bool = False):
     return logits_BTV, aux
 
 
+def _nll_sum(logits_BTV, batch):
+    return jnp.sum(token_nll(logits_BTV, batch["targets"]) * batch["loss_mask"].astype(jnp.float32))
+
+
 def _loss(params, model, batch, rng, n_tokens, aux_weight):
     """Sum of masked NLL / n_tokens (so micro-batch losses add up to the batch mean) + aux losses
     (each micro-batch's weighted by aux_weight = 1/grad_accum, so they too average)."""
-    logits_BTV, aux = forward(params, model, batch, rng, train=True)
-    mask_BT = batch["loss_mask"].astype(jnp.float32)
-    nll = jnp.sum(token_nll(logits_BTV, batch["targets"]) * mask_BT) / n_tokens
+    if recurrent.chunk_len(model.cfg):  # the stack chunk by chunk, the loss summed per chunk
+        nll_sum, aux = recurrent.chunked_apply(params, model, batch, rng, True, _nll_sum)
+    else:
+        logits_BTV, aux = forward(params, model, batch, rng, train=True)
+        nll_sum = _nll_sum(logits_BTV, batch)
+    nll = nll_sum / n_tokens
     aux_total = sum(aux["losses"].values()) if aux["losses"] else 0.0
     return nll + aux_weight * aux_total, (nll, aux)
 
@@ -149,11 +157,15 @@ def train_step(
 
 def eval_step(params, batch, *, model, token_bytes):
     """Sums over one held-out batch: NLL (nats), scored tokens, and raw-text bytes they cover."""
-    logits_BTV, _ = forward(params, model, batch)
-    mask_BT = batch["loss_mask"].astype(jnp.float32)
-    nll = jnp.sum(token_nll(logits_BTV, batch["targets"]) * mask_BT)
-    n_bytes = jnp.sum(jnp.take(token_bytes, batch["targets"]) * mask_BT)
-    return {"nll_sum": nll, "n_tokens": jnp.sum(mask_BT), "n_bytes": n_bytes}
+
+    def sums(logits_BTV, b):
+        mask_BT = b["loss_mask"].astype(jnp.float32)
+        n_bytes = jnp.sum(jnp.take(token_bytes, b["targets"]) * mask_BT)
+        return {"nll_sum": _nll_sum(logits_BTV, b), "n_tokens": jnp.sum(mask_BT), "n_bytes": n_bytes}
+
+    if recurrent.chunk_len(model.cfg):
+        return recurrent.chunked_apply(params, model, batch, None, False, sums)[0]
+    return sums(forward(params, model, batch)[0], batch)
 
 
 def eval_summary(outputs: Iterable[dict]) -> dict[str, float]:
