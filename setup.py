@@ -14,6 +14,8 @@ INSTALL = [
     "absl-py>=2.1",
     "numpy>=2.0",
     "tqdm>=4.66",
+    "tokenizers>=0.20",  # GPT-2 BPE and Hugging Face tokenizer.json (llm/data/tokenizers.py)
+    "safetensors>=0.4",  # Hugging Face weights (llm/convert)
 ]
 
 # Exact versions CI and the README's quick start install (see requirements.txt).
@@ -23,7 +25,7 @@ setup(
     description="A JAX/Flax research codebase for decoder-only language models, laptop to pod.",
     python_requires=">=3.11",
     packages=find_packages(include=["llm", "llm.*", "configs", "launch"]),
-    package_data={"llm.data": ["corpora/*.txt", "corpora/*.md"]},
+    package_data={"llm.data": ["corpora/*.txt", "corpora/*.md", "gpt2/*"]},
     install_requires=INSTALL,
     extras_require={
         "dev": [
@@ -43,7 +45,7 @@ setup(
         # libtpu wheel that matches jax (jax 0.10.2 -> libtpu 0.0.42.*).
         "aot": ["jax[tpu]>=0.10.2,<0.13"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.13"],
-        "torch": ["torch==2.13.0", "transformers>=4.45", "psutil>=5.9"],  # + benchmarks/decode.py
+        "torch": ["torch==2.13.0", "transformers==5.24.0", "psutil>=5.9"],  # HF references (tests), benchmarks
     },
     entry_points={
         "console_scripts": [

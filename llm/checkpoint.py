@@ -85,6 +85,13 @@ class Checkpointer:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
         self.mngr.save(step, args=ocp.args.Composite(**args), force=True)
 
+    def save_params(self, step: int, params, config_json: str) -> None:
+        """A parameters-only checkpoint (an imported model, llm/convert): `llm.load`,
+        `llm.sample`, `llm.evaluate` and `train.init_from` read it; resuming training from it
+        is refused (no optimizer state) — start a new run with init_from instead."""
+        args = {"params": ocp.args.StandardSave(params), "config": ocp.args.JsonSave(json.loads(config_json))}
+        self.mngr.save(step, args=ocp.args.Composite(**args), force=True)
+
     def wait(self) -> None:
         self.mngr.wait_until_finished()
 
@@ -102,6 +109,12 @@ class Checkpointer:
                 args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         if self.is_legacy(step):
             return self._restore_legacy(step, abstract_state, args, data_iter, data_state, upgrade)
+        if not os.path.isdir(self._item_dir(step, "opt_state")) and os.path.isdir(
+            self._item_dir(step, "params")
+        ):
+            raise ConfigError(f"{self.directory}/{step} holds parameters only (an imported model) and cannot be "
+                              f"resumed; fine-tune it in a new run: --config.train.init_from={os.path.dirname(self.directory)} "
+                              "--workdir=<new dir>")  # fmt: skip
         # Leaves are named as in the train state (params.*, opt_state.*, step, monitor.*).
         check_compatible(self._item_dir(step, "params"), abstract_state.params, step, "params")
         check_compatible(self._item_dir(step, "opt_state"), abstract_state.opt_state, step, "opt_state")

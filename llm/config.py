@@ -24,11 +24,15 @@ SP_MODEL_TYPES = ("bpe", "unigram")
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    kind: str = "sentencepiece"  # registry TOKENIZERS (llm/data/tokenizers.py): sentencepiece | byte
+    kind: str = (
+        "sentencepiece"  # registry TOKENIZERS (llm/data/tokenizers.py): sentencepiece | byte | gpt2 | hf
+    )
     vocab_size: int = 2048  # sentencepiece only
     model_type: str = "bpe"  # bpe | unigram
     byte_fallback: bool = True
-    path: str | None = None  # an existing .model file to use instead of training one
+    path: str | None = (
+        None  # an existing .model file (sentencepiece) or tokenizer.json (hf) instead of training one
+    )
     # Named special tokens added to pad/eos/bos, e.g. ("<pause>",): ids of their own, 0 bytes of text.
     special_tokens: tuple[str, ...] = ()
 

@@ -1,7 +1,8 @@
-"""Tokenizers, one registry entry per kind: SentencePiece trained on the corpus (default) and raw
-UTF-8 bytes. A new kind (GPT-2's BPE, a Hugging Face tokenizer.json) is a `Tokenizer` subclass
-registered under its `data.tokenizer.kind` name with `build` (from the config and the training
-texts), `load` (from a run directory) and `save`.
+"""Tokenizers, one registry entry per kind: SentencePiece trained on the corpus (default), raw
+UTF-8 bytes, OpenAI's GPT-2 BPE (`gpt2`, files shipped in llm/data/gpt2/) and any Hugging Face
+`tokenizer.json` (`hf`). A new kind is a `Tokenizer` subclass registered under its
+`data.tokenizer.kind` name with `build` (from the config and the training texts), `load` (from a
+run directory) and `save`.
 
 Every tokenizer has named special tokens: `pad`, `eos`, `bos` and any the config adds
 (`data.tokenizer.special_tokens`, e.g. ("<pause>",)), looked up by `special_id(name)`. Special
@@ -166,6 +167,172 @@ class ByteTokenizer(Tokenizer):
 
     def save(self, directory: str) -> None:
         _write_meta(directory, self._meta())
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted: the printable character standing for each byte -> byte."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+@TOKENIZERS.register("hf")
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json` (the `tokenizers` library), e.g. an imported model's
+    (`data.tokenizer.path=<tokenizer.json>`). Encodes without adding BOS/EOS: the data pipeline
+    places document separators itself. Saved in a run directory as `hf_tokenizer.json`.
+    `special` maps names to token strings (bos/eos/pad from the model's tokenizer_config.json;
+    pad falls back to eos)."""
+
+    kind = "hf"
+    FILE = "hf_tokenizer.json"
+
+    def __init__(self, tokenizer_json: str, special_tokens: dict[str, str], extra: Sequence[str] = ()):
+        from tokenizers import AddedToken  # noqa: PLC0415
+        from tokenizers import Tokenizer as _HF  # noqa: PLC0415
+
+        self.tok = _HF.from_str(tokenizer_json)
+        new = [t for t in extra if self.tok.token_to_id(t) is None]  # e.g. <pause>: appended ids
+        if new:
+            self.tok.add_special_tokens([AddedToken(t, special=True) for t in new])
+        self.json = self.tok.to_str() if new else tokenizer_json
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.special_tokens = dict(special_tokens)
+        self.special = {}
+        for name, token in {**special_tokens, **{t: t for t in extra}}.items():
+            i = self.tok.token_to_id(token) if token is not None else None
+            if i is None:
+                raise ConfigError(f"special token {name}={token!r} is not in the tokenizer's vocabulary")
+            self.special[name] = i
+        self.special.setdefault("eos", self.special.get("bos", 0))
+        self.special.setdefault("bos", self.special["eos"])
+        self.special.setdefault("pad", self.special["eos"])
+        self.token_bytes = self._token_bytes()
+
+    def _token_bytes(self) -> np.ndarray:
+        """Raw-text bytes per id: byte-level pieces through GPT-2's alphabet; SentencePiece-style
+        pieces with ▁ as a space and <0xNN> as one byte; added/special tokens 0."""
+        byte_level = '"ByteLevel"' in json.dumps(json.loads(self.json).get("decoder") or {})
+        inv = _byte_decoder()
+        added = {t.content for t in self.tok.get_added_tokens_decoder().values()}
+        table = np.zeros(self.vocab_size, np.int32)
+        for i in range(self.vocab_size):
+            piece = self.tok.id_to_token(i)
+            if piece is None or piece in added:
+                continue
+            if byte_level:
+                table[i] = len(piece) if all(c in inv for c in piece) else len(piece.encode("utf-8"))
+            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                table[i] = 1
+            else:
+                table[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+        for i in self.special.values():
+            table[i] = 0
+        return table
+
+    @classmethod
+    def build(cls, cfg: TokenizerConfig, texts: Iterable[str]) -> HFTokenizer:
+        if not cfg.path or not os.path.exists(cfg.path):
+            raise FileNotFoundError(
+                f"data.tokenizer.kind=hf needs data.tokenizer.path=<tokenizer.json>; got {cfg.path!r}"
+            )
+        with open(cfg.path, encoding="utf-8") as f:
+            return cls(f.read(), hf_special_tokens(os.path.dirname(cfg.path)), cfg.special_tokens)
+
+    @classmethod
+    def load(cls, directory: str, meta: dict) -> HFTokenizer:
+        with open(os.path.join(directory, cls.FILE), encoding="utf-8") as f:
+            return cls(f.read(), meta.get("special_tokens", {}), meta.get("extra", ()))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, self.FILE), "w", encoding="utf-8") as f:
+            f.write(self.json)
+        extra = [k for k in self.special if k not in ("pad", "eos", "bos") and k not in self.special_tokens]
+        _write_meta(directory, {**self._meta(), "special_tokens": self.special_tokens, "extra": extra})
+
+
+def hf_special_tokens(directory: str) -> dict[str, str]:
+    """bos/eos/pad token strings from a Hugging Face model directory's tokenizer_config.json."""
+    out: dict[str, str] = {}
+    path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            tc = json.load(f)
+        for name in ("bos", "eos", "pad"):
+            v = tc.get(f"{name}_token")
+            v = v.get("content") if isinstance(v, dict) else v
+            if v:
+                out[name] = v
+    return out
+
+
+GPT2_DIR = os.path.join(os.path.dirname(__file__), "gpt2")
+
+
+@TOKENIZERS.register("gpt2")
+class GPT2Tokenizer(HFTokenizer):
+    """OpenAI's original GPT-2 byte-level BPE (50,257 ids; llm/data/gpt2/, provenance there),
+    run by the `tokenizers` library: GPT-2's regex pre-split, byte-level alphabet, 50,000 merges.
+    `<|endoftext|>` (50256) is eos, bos and pad."""
+
+    kind = "gpt2"
+    EOT = "<|endoftext|>"
+
+    def __init__(self, extra: Sequence[str] = ()):
+        super().__init__(gpt2_tokenizer_json(), {"eos": self.EOT, "bos": self.EOT, "pad": self.EOT}, extra)
+
+    @classmethod
+    def build(cls, cfg: TokenizerConfig, texts: Iterable[str]) -> GPT2Tokenizer:
+        return cls(cfg.special_tokens)
+
+    @classmethod
+    def load(cls, directory: str, meta: dict) -> GPT2Tokenizer:
+        return cls(meta.get("extra", ()))
+
+    def save(self, directory: str) -> None:  # the files ship with the package
+        extra = [k for k in self.special if k not in ("pad", "eos", "bos")]
+        _write_meta(directory, {**self._meta(), "extra": extra})
+
+
+def gpt2_tokenizer_json() -> str:
+    """The GPT-2 tokenizer as a `tokenizers` JSON, built from encoder.json and vocab.bpe."""
+    return bpe_tokenizer_json(os.path.join(GPT2_DIR, "encoder.json"), os.path.join(GPT2_DIR, "vocab.bpe"))
+
+
+def bpe_tokenizer_json(vocab_path: str, merges_path: str) -> str:
+    """A byte-level BPE in GPT-2's format (vocab.json/encoder.json + merges.txt/vocab.bpe) as a
+    `tokenizers` JSON: GPT-2's regex pre-split, no prefix space, `<|endoftext|>` special if present."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
+
+    with open(vocab_path, encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(merges_path, encoding="utf-8") as f:
+        merges = [
+            tuple(line.split()) for line in f.read().split("\n") if line and not line.startswith("#version")
+        ]
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    if GPT2Tokenizer.EOT in vocab:
+        tok.add_special_tokens([AddedToken(GPT2Tokenizer.EOT, special=True)])
+    return tok.to_str()
 
 
 def train_sentencepiece(texts: Iterable[str], cfg: TokenizerConfig) -> SentencePieceTokenizer:

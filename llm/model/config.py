@@ -56,6 +56,17 @@ class InfiniConfig:
 
 
 @dataclass(frozen=True)
+class RopeScalingConfig:
+    """RoPE frequency scaling for contexts beyond the trained one (`model.rope_scaling.`)."""
+
+    kind: str | None = None  # None = plain RoPE | llama3 (Llama 3.1: llm/model/positional.py)
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192  # the context the unscaled model was trained on
+
+
+@dataclass(frozen=True)
 class AttentionConfig:
     """Self-attention: head layout (MHA/GQA/MQA), kind, options and implementation."""
 
@@ -131,6 +142,7 @@ class ModelConfig:
     max_seq_len: int = 256  # size of the learned position table; bound for generation
     positional: str = "learned"  # learned | sinusoidal | rope | alibi | none
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     norm_position: str = "pre"  # pre | post
@@ -199,6 +211,11 @@ class ModelConfig:
         )
         if self.positional == "rope":
             _check(self.head_dim % 2 == 0, f"rope needs an even head_dim, got {self.head_dim}")
+        r = self.rope_scaling
+        _check(r.kind in (None, "llama3"), f"model.rope_scaling.kind={r.kind!r}: choose llama3 (or unset)")
+        if r.kind == "llama3":
+            _check(r.factor > 0 and r.high_freq_factor > r.low_freq_factor > 0 and r.original_max_len > 0,
+                   "model.rope_scaling: factor > 0, high_freq_factor > low_freq_factor > 0, original_max_len > 0")  # fmt: skip
         kinds = set(a.pattern or (a.kind,))
         if "local" in kinds:
             _check(a.local.window >= 1, f"model.attention.local.window={a.local.window} must be >= 1")

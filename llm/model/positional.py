@@ -63,10 +63,25 @@ class Sinusoidal(Positional):
         return sinusoidal_table(positions_BT, d_model)
 
 
-def apply_rope(x_BTNH, positions_BT, theta: float):
-    """Rotate channel pairs (i, i + H/2) by angle pos * theta^(-2i/H) (the Llama/NeoX layout)."""
+def llama3_inv_freq(inv_freq, s):
+    """Llama 3.1's frequency rescaling (`model.rope_scaling`, kind llama3): wavelengths longer than
+    original_max_len / low_freq_factor are stretched by `factor`, those shorter than
+    original_max_len / high_freq_factor kept, and the band between interpolated linearly in
+    original_max_len / wavelength."""
+    wavelen = 2 * math.pi / inv_freq
+    ratio = s.original_max_len / wavelen  # how many wavelengths fit the original context
+    smooth = jnp.clip((ratio - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor), 0.0, 1.0)
+    return (1.0 - smooth) * inv_freq / s.factor + smooth * inv_freq
+
+
+def apply_rope(x_BTNH, positions_BT, theta: float, scaling=None):
+    """Rotate channel pairs (i, i + H/2) by angle pos * theta^(-2i/H) (the Llama/NeoX layout, also
+    Hugging Face's; Meta's original checkpoints pair (2i, 2i + 1), which HF's conversion permutes).
+    `scaling`: a `RopeScalingConfig` (llm/model/config.py) or None."""
     h = x_BTNH.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    if scaling is not None and scaling.kind == "llama3":
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
     sin = jnp.sin(angles_BTh)[:, :, None, :]
     cos = jnp.cos(angles_BTh)[:, :, None, :]
@@ -79,7 +94,7 @@ def apply_rope(x_BTNH, positions_BT, theta: float):
 @POSITIONAL.register("rope")
 class Rope(Positional):
     def rotate(self, x_BTNH, positions_BT):
-        return apply_rope(x_BTNH, positions_BT, self.cfg.rope_theta)
+        return apply_rope(x_BTNH, positions_BT, self.cfg.rope_theta, self.cfg.rope_scaling)
 
 
 def alibi_slopes(n_heads: int) -> np.ndarray:
