@@ -10,7 +10,7 @@ from typing import Any
 import jax
 
 from llm import sharding
-from llm.checkpoint import Checkpointer
+from llm.checkpoint import Checkpointer, run_checkpointer
 from llm.config import RunConfig, from_json
 from llm.data.tokenizers import Tokenizer, load_tokenizer
 from llm.model import Transformer
@@ -45,10 +45,14 @@ def load(workdir: str, step: int | None = None, mesh=None) -> Loaded:
     if step not in steps:
         raise FileNotFoundError(f"no checkpoint for step {step} in {workdir}; available: {steps}")
     cfg = from_json(json.dumps(ckpt.read_config(step)))
+    ckpt.close()
     if mesh is None:
         mesh = sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
     model = build_model(cfg)
-    # Parameters only: the optimizer state is neither built nor read.
-    params = ckpt.restore_params(step, params_target(cfg, mesh, model))
+    # Parameters only: the optimizer state is neither built nor read (an adapters-only LoRA
+    # checkpoint is combined with its base, read from the run's train.init_from).
+    target = params_target(cfg, mesh, model)
+    ckpt = run_checkpointer(workdir, cfg, target, async_save=False)
+    params = ckpt.restore_params(step, target)
     ckpt.close()
     return Loaded(config=cfg, params=params, tokenizer=load_tokenizer(workdir), model=model, step=step)

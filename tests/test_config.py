@@ -197,6 +197,10 @@ README_FLAG_VALUES = {
     "model.attention.infini.segment_len": 16, "model.attention.infini.update_rule": "delta",
     "model.attention.infini.gate_init": -1.0, "model.attention.infini.memory_positional": True,
     "model.attention.infini.first_segment": "eps", "model.attention.infini.bptt_segments": 2,
+    "model.attention.infini.chunk_segments": 2, "model.rope_scaling.kind": "llama3", "model.rope_scaling.factor": 4.0,
+    "model.rope_scaling.low_freq_factor": 2.0, "model.rope_scaling.high_freq_factor": 8.0,
+    "model.rope_scaling.original_max_len": 64, "model.lora.rank": 4, "model.lora.alpha": 8.0,
+    "model.lora.dropout": 0.1, "model.lora.targets": ("all_linear",),
 }  # fmt: skip
 
 

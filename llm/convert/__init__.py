@@ -2,11 +2,13 @@
 
     python -m llm.convert --from_hf=<HF model dir> --workdir=<run dir> [--tokenizer=gpt2|byte|<file>]
     python -m llm.convert --workdir=<run dir> --to_hf=<dir> [--step=N] [--shard_gb=2]
+    python -m llm.convert --workdir=<LoRA run dir> --merge_lora=<new run dir> [--step=N]
 
 `import_hf` writes a normal run directory (config + a parameters-only Orbax checkpoint at step 0 +
 the tokenizer), so `llm.load`, `llm.sample`, `llm.evaluate` and `train.init_from` work on it.
 `export_hf` writes `config.json`, `model.safetensors` (sharded with an index past `shard_gb`) and
-the tokenizer files, which `transformers.AutoModelForCausalLM.from_pretrained` loads.
+the tokenizer files, which `transformers.AutoModelForCausalLM.from_pretrained` loads (a LoRA
+run is merged on the way). `merge_lora` writes a LoRA run's merged model as a new run directory.
 """
 
 from __future__ import annotations
@@ -95,7 +97,9 @@ def import_hf(hf_dir: str, workdir: str, tokenizer: str | None = None, progress:
     for rule in tqdm(rules, desc="import", unit="tensor", disable=not progress):
         ours = rule.to_ours([reader.get(n) for n in rule.hf])
         for path, value in zip(rule.ours, ours, strict=True):
-            _set(params, path, np.asarray(value, dtype=dtype))
+            # A real copy (not a view of the memory-mapped file), placed as a jax array at once
+            # so the tree is held once; the file's pages are released tensor by tensor.
+            _set(params, path, jax.device_put(np.array(value, dtype=dtype, copy=True)))
     _check_shapes(cfg, params)
     os.makedirs(workdir, exist_ok=True)
     tok.save(workdir)
@@ -109,8 +113,8 @@ def import_hf(hf_dir: str, workdir: str, tokenizer: str | None = None, progress:
         from llm.model import layout  # noqa: PLC0415
 
         params = layout.to_layout(params, cfg.model)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    ckpt.save_params(0, jax.tree.map(np.asarray, params), cfg.to_json())
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False, compress=False)
+    ckpt.save_params(0, params, cfg.to_json())
     ckpt.close()
     return workdir
 
@@ -143,8 +147,13 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None, shard_gb: flo
 
     run = load(workdir, step)
     cfg = run.config.model
+    params = run.params
+    if cfg.lora.rank:  # adapters folded into the kernels: HF has no place for them
+        from llm.model import lora  # noqa: PLC0415
+
+        params, cfg = lora.merge(params, cfg.lora), cfg.replace(lora=type(cfg.lora)())
     arch = hf_lib.architecture_of(cfg)
-    params = jax.tree.map(np.asarray, run.params)
+    params = jax.tree.map(np.asarray, params)
     if cfg.scan_layers:
         params = layout.to_unrolled(params, cfg)
     writer = ShardedWriter(out_dir, int(shard_gb * (1 << 30)))
@@ -179,3 +188,33 @@ def _export_tokenizer(tok, out_dir: str) -> None:
     tc["tokenizer_class"] = "PreTrainedTokenizerFast" if tok.kind != "sentencepiece" else "LlamaTokenizer"
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(tc, f, indent=1)
+
+
+def merge_lora(workdir: str, out: str, step: int | None = None) -> str:
+    """A LoRA run's adapters folded into its base, written as a parameters-only run directory
+    (model.lora off, no init_from) that samples, evaluates, exports and fine-tunes like any run."""
+    import dataclasses  # noqa: PLC0415
+
+    import jax  # noqa: PLC0415
+
+    from llm.api import load  # noqa: PLC0415
+    from llm.checkpoint import Checkpointer  # noqa: PLC0415
+    from llm.model import lora  # noqa: PLC0415
+
+    run = load(workdir, step)
+    if not run.config.model.lora.rank:
+        raise ConfigError(f"{workdir} is not a LoRA run (model.lora.rank is 0); nothing to merge")
+    if os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
+        raise ConfigError(f"{out} already holds checkpoints; merge into a new directory")
+    m = run.config.model
+    cfg = dataclasses.replace(run.config, model=m.replace(lora=type(m.lora)()),
+                              train=dataclasses.replace(run.config.train, init_from=None))  # fmt: skip
+    params = jax.tree.map(np.asarray, lora.merge(run.params, m.lora))
+    os.makedirs(out, exist_ok=True)
+    run.tokenizer.save(out)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        f.write(cfg.to_json())
+    ckpt = Checkpointer(os.path.join(out, "checkpoints"), async_save=False, compress=False)
+    ckpt.save_params(run.step, params, cfg.to_json())
+    ckpt.close()
+    return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 
 import ml_dtypes
@@ -88,30 +89,52 @@ def write_file(path: str, tensors: dict[str, np.ndarray], metadata: dict | None 
 
 
 class ShardedWriter:
-    """Collects tensors and writes shards of at most `shard_bytes` (plus the index when > 1)."""
+    """Writes tensors as they come into shards of at most `shard_bytes` (plus the index when > 1).
+
+    Each tensor's bytes go straight to a temporary data file (only the tensor at hand is in
+    memory); closing a shard writes the header and streams the data after it."""
 
     def __init__(self, directory: str, shard_bytes: int = 2 << 30):
         self.directory, self.shard_bytes = directory, shard_bytes
-        self.pending: dict[str, np.ndarray] = {}
-        self.shards: list[dict[str, int]] = []  # names -> bytes of each written shard
-        self.tmp_names: list[str] = []
         os.makedirs(directory, exist_ok=True)
+        self.shards: list[dict[str, dict]] = []  # per written shard: name -> header entry
+        self.tmp_names: list[str] = []
+        self._data = None
+        self._entries: dict[str, dict] = {}
+        self._offset = 0
 
     def add(self, name: str, tensor: np.ndarray) -> None:
-        if self.pending and sum(t.nbytes for t in self.pending.values()) + tensor.nbytes > self.shard_bytes:
+        tensor = np.ascontiguousarray(tensor)
+        if self._entries and self._offset + tensor.nbytes > self.shard_bytes:
             self._flush()
-        self.pending[name] = tensor
+        if self._data is None:
+            self._data = open(os.path.join(self.directory, f".data-{len(self.shards):05d}.tmp"), "wb")
+        self._entries[name] = {"dtype": NAMES[tensor.dtype], "shape": list(tensor.shape),
+                               "data_offsets": [self._offset, self._offset + tensor.nbytes]}  # fmt: skip
+        self._data.write(tensor.tobytes())
+        self._offset += tensor.nbytes
 
     def _flush(self) -> None:
+        data_path = self._data.name
+        self._data.close()
         name = f"shard-{len(self.shards):05d}.safetensors.tmp"
-        write_file(os.path.join(self.directory, name), self.pending)
-        self.shards.append({k: v.nbytes for k, v in self.pending.items()})
+        header = {"__metadata__": {"format": "pt"}, **self._entries}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(os.path.join(self.directory, name), "wb") as out, open(data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            shutil.copyfileobj(data, out, 16 << 20)
+        os.remove(data_path)
+        self.shards.append(self._entries)
         self.tmp_names.append(name)
-        self.pending = {}
+        self._data, self._entries, self._offset = None, {}, 0
 
     def close(self) -> list[str]:
         """Write what is left and name the files as transformers expects; returns the file names."""
-        if self.pending or not self.shards:
+        if self._entries or not self.shards:
+            if self._data is None:
+                self._data = open(os.path.join(self.directory, f".data-{len(self.shards):05d}.tmp"), "wb")
             self._flush()
         n = len(self.shards)
         finals = (
@@ -123,7 +146,9 @@ class ShardedWriter:
             os.replace(os.path.join(self.directory, tmp), os.path.join(self.directory, final))
         if n > 1:
             weight_map = {k: final for shard, final in zip(self.shards, finals, strict=True) for k in shard}
-            total = sum(sum(s.values()) for s in self.shards)
+            total = sum(
+                e["data_offsets"][1] - e["data_offsets"][0] for shard in self.shards for e in shard.values()
+            )
             with open(os.path.join(self.directory, INDEX), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
         return finals

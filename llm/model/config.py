@@ -132,6 +132,17 @@ class FFNConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters on linear layers (`model.lora.`; llm/model/lora.py). rank 0 = off."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input, while training
+    # aliases attention | attn_qv | mlp | all_linear, or regexes searched in module paths
+    targets: tuple[str, ...] = ("attention",)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only transformer. Every field is a command-line flag under `model.`."""
 
@@ -165,6 +176,7 @@ class ModelConfig:
     remat: str = "none"  # registry REMAT (llm/model/transformer.py)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     ffn: FFNConfig = field(default_factory=FFNConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
         a = self.attention
@@ -251,6 +263,20 @@ class ModelConfig:
         _check(self.final_logit_softcap is None or self.final_logit_softcap > 0,
                f"model.final_logit_softcap={self.final_logit_softcap} must be > 0 (or unset)")  # fmt: skip
         _check(a.nope_every >= 0, "model.attention.nope_every must be >= 0 (0 = off)")
+        lo = self.lora
+        _check(lo.rank >= 0 and lo.alpha > 0 and 0 <= lo.dropout < 1,
+               f"model.lora: rank >= 0 (0 = off), alpha > 0, 0 <= dropout < 1; got rank={lo.rank}, "
+               f"alpha={lo.alpha}, dropout={lo.dropout}")  # fmt: skip
+        if lo.rank:
+            from llm.model import lora as lora_lib  # noqa: PLC0415
+
+            _check(bool(lo.targets), "model.lora.targets is empty; e.g. ('attention',) or ('all_linear',)")
+            for t in lo.targets:
+                try:
+                    lora_lib.target_patterns([t])
+                except Exception as e:  # noqa: BLE001 (re.error)
+                    raise ConfigError(f"model.lora.targets: {t!r} is neither an alias "
+                                      f"({', '.join(lora_lib.ALIASES)}) nor a regex ({e})") from e  # fmt: skip
         # Registry names are checked here too so a bad flag fails before any tracing.
         from llm.model import registries  # noqa: PLC0415 (avoid an import cycle)
 

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm.model import channels, dots, layout
+from llm.model import channels, dots, layout, lora
 from llm.model.attention import _positional
 from llm.model.block import Block, SuperBlock
 from llm.model.channels import LOSSES, MEMORY, METRICS, PARAM_UPDATES
@@ -76,7 +76,11 @@ class Transformer(nn.Module):
             ctx = decode_context(self, positions_BT, segment_ids_BT, deterministic)
         else:
             ctx = training_context(positions_BT, segment_ids_BT, deterministic)
-        x_BTD = layer_stack(cfg, x_BTD, ctx)
+        if cfg.lora.rank:  # adapters on the targeted linear layers (llm/model/lora.py)
+            with nn.intercept_methods(lora.interceptor(cfg.lora, deterministic)):
+                x_BTD = layer_stack(cfg, x_BTD, ctx)
+        else:
+            x_BTD = layer_stack(cfg, x_BTD, ctx)
 
         if cfg.norm_position == "pre":
             x_BTD = make_norm(cfg, "norm_final")(x_BTD)

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from llm import sharding
 from llm.config import ConfigError, RunConfig
 from llm.model import Transformer
+from llm.model import lora as lora_lib
 from llm.train import optimizer as optim_lib
 from llm.train import state as state_lib
 from llm.train import step as step_lib
@@ -28,6 +29,11 @@ def build_model(cfg: RunConfig) -> Transformer:
         raise ConfigError("model.vocab_size is unset (it normally comes from the tokenizer); pass "
                           "--config.model.vocab_size=<n>")  # fmt: skip
     return Transformer(cfg.model)
+
+
+def optimizer_groups(cfg: RunConfig) -> tuple[str, ...]:
+    """Group rules the run adds after optim.groups: a LoRA run trains its adapters alone."""
+    return lora_lib.OPTIMIZER_GROUPS if cfg.model.lora.rank else ()
 
 
 def params_target(cfg: RunConfig, mesh: Mesh, model: Transformer | None = None):
@@ -84,6 +90,7 @@ class Trainer:
         c = self.cfg
         fn = functools.partial(step_fn, model=self.model, tx=self.tx, schedule=self.schedule,
                                grad_accum=c.train.grad_accum, spike_sigmas=c.train.spike_sigmas,
+                               trainable=optim_lib.trainable_mask(c.optim, optimizer_groups(c)),
                                **({} if self.task.name == "lm" else {"task": self.task}))  # fmt: skip
         return sharding.jit(fn, self.mesh, self.rules, in_shardings=(self.state_shardings, self.batch_shardings),
                             out_shardings=(self.state_shardings, None), donate_argnums=0)  # fmt: skip
@@ -101,7 +108,7 @@ class Trainer:
 def build_trainer(cfg: RunConfig, mesh: Mesh) -> Trainer:
     """The run's model, optimizer, task and sharded abstract state (no data, nothing allocated)."""
     model = build_model(cfg)
-    tx, schedule = optim_lib.make_optimizer(cfg.optim, cfg.train.steps)
+    tx, schedule = optim_lib.make_optimizer(cfg.optim, cfg.train.steps, optimizer_groups(cfg))
     abstract, shardings = state_lib.state_shardings(model, tx, cfg.data.seq_len, mesh, cfg.mesh.rules,
                                                     cfg.train.spike_window)  # fmt: skip
     return Trainer(cfg=cfg, mesh=mesh, model=model, tx=tx, schedule=schedule, task=tasks.get(cfg.train.task),

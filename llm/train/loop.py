@@ -21,12 +21,19 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llm import flops, sharding
-from llm.checkpoint import Checkpointer, CheckpointMismatch
+from llm.checkpoint import (
+    Checkpointer,
+    CheckpointMismatch,
+    parse_init_from,
+    restore_base_params,
+    run_checkpointer,
+)
 from llm.config import ConfigError, RunConfig, from_dict
 from llm.data import pipeline, sources
 from llm.data.tokenizers import META_FILE as TOKENIZER_META
 from llm.data.tokenizers import Tokenizer, build_tokenizer
 from llm.model import ModelConfig
+from llm.model import lora as lora_lib
 from llm.train import state as state_lib
 from llm.train.builder import Trainer, build_trainer
 from llm.train.metrics import MetricWriter
@@ -215,14 +222,6 @@ def _normalised_model(saved_model: dict) -> dict:
         return saved_model
 
 
-def parse_init_from(spec: str) -> tuple[str, int | None]:
-    """'<run dir>[:step]' -> (run dir, step or None for the newest)."""
-    head, sep, tail = spec.rpartition(":")
-    if sep and tail.isdigit():
-        return head, int(tail)
-    return spec, None
-
-
 def copy_tokenizer(src_workdir: str, workdir: str) -> None:
     """A new run initialised from another's parameters must read text as that run did: its
     tokenizer files are copied in (unless this workdir already has its own, e.g. on resume)."""
@@ -238,9 +237,19 @@ def copy_tokenizer(src_workdir: str, workdir: str) -> None:
             shutil.copy2(os.path.join(src_workdir, name), os.path.join(workdir, name))
 
 
-def init_params_from(spec: str, trainer: Trainer):
-    """Parameters of another run (`train.init_from`), restored straight into this run's shardings."""
+def init_params_from(spec: str, trainer: Trainer, fresh=None):
+    """Parameters of another run (`train.init_from`), restored straight into this run's shardings.
+    A LoRA run (model.lora.rank > 0) takes its base from there and keeps `fresh`'s adapters."""
     src, step = parse_init_from(spec)
+    if trainer.cfg.model.lora.rank:
+        adapters, base_target = lora_lib.split(trainer.params_target())
+        try:
+            base = restore_base_params(src, step, base_target)
+        except CheckpointMismatch as e:
+            raise ConfigError(
+                f"train.init_from={spec}: its parameters do not fit this model's base ({e.problems})"
+            ) from e
+        return lora_lib.combine(base, lora_lib.split(fresh)[0] if fresh is not None else adapters), step
     ckpt = Checkpointer(os.path.join(src, "checkpoints"), async_save=False)
     try:
         steps = ckpt.steps()
@@ -285,12 +294,13 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json())
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    abstract = exp.trainer.restore_target()
+    ckpt = run_checkpointer(workdir, cfg, abstract.params, keep=cfg.checkpoint.keep,
+                            async_save=cfg.checkpoint.async_save)  # fmt: skip
     data_ds = pipeline.train_dataset(exp.train_windows, cfg.train.batch_size, cfg.data.seed,
                                      jax.process_index(), jax.process_count(),
                                      shift_windows=cfg.data.shift_windows)  # fmt: skip
     data_it = pipeline.train_iterator(data_ds, cfg.data.worker_threads)
-    abstract = exp.trainer.restore_target()
     if ckpt.steps():
         check_same_model(ckpt.read_config(), cfg, ckpt.directory)
     restored = ckpt.restore_latest(abstract, data_it, upgrade=exp.trainer.upgrade())
@@ -298,7 +308,7 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
         state = exp.trainer.init_state()
         start = 0
         if cfg.train.init_from:
-            params, src_step = init_params_from(cfg.train.init_from, exp.trainer)
+            params, src_step = init_params_from(cfg.train.init_from, exp.trainer, state.params)
             state = state.replace(params=params)
             if is_main:
                 print(f"initialised the parameters from {cfg.train.init_from} (step {src_step}); "

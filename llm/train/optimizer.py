@@ -82,9 +82,10 @@ def parse_rule(text: str) -> GroupRule:
     return GroupRule(pattern, **kw)
 
 
-def rules(cfg: OptimConfig) -> list[GroupRule]:
-    """The user's rules (optim.groups), then the built-in ones (the classic decay grouping)."""
-    return [parse_rule(r) for r in cfg.groups] + [
+def rules(cfg: OptimConfig, extra: tuple[str, ...] = ()) -> list[GroupRule]:
+    """The user's rules (optim.groups), then `extra` (a LoRA run's: llm/model/lora.py), then the
+    built-in ones (the classic decay grouping)."""
+    return [parse_rule(r) for r in (*cfg.groups, *extra)] + [
         # Set outside the optimizer by its layer (an MoE balancing bias: llm/model/moe.py).
         GroupRule(r"(^|/)router_bias$", frozen=True),
         # Infini-attention's gate beta: never decayed toward 0 (= an even mix); its own lr through
@@ -113,23 +114,30 @@ def settings_for(path: str, rule_list: list[GroupRule]) -> Settings:
     })  # fmt: skip
 
 
-def param_settings(params, cfg: OptimConfig):
+def param_settings(params, cfg: OptimConfig, extra: tuple[str, ...] = ()):
     """Pytree of `Settings`, same structure as `params` (boxed or not)."""
-    rule_list = rules(cfg)
+    rule_list = rules(cfg, extra)
     return jax.tree_util.tree_map_with_path(lambda p, _: settings_for(path_str(p), rule_list), params)
 
 
-def _mask(cfg: OptimConfig, setting: str, value=True):
-    return lambda params: jax.tree.map(lambda s: getattr(s, setting) == value, param_settings(params, cfg))
+def _mask(cfg: OptimConfig, setting: str, value=True, extra: tuple[str, ...] = ()):
+    return lambda params: jax.tree.map(
+        lambda s: getattr(s, setting) == value, param_settings(params, cfg, extra)
+    )
 
 
-def scale_by_lr_mult(cfg: OptimConfig) -> optax.GradientTransformation:
+def trainable_mask(cfg: OptimConfig, extra: tuple[str, ...] = ()):
+    """params -> pytree of bools, True where the parameter is not frozen."""
+    return _mask(cfg, "frozen", False, extra)
+
+
+def scale_by_lr_mult(cfg: OptimConfig, extra: tuple[str, ...] = ()) -> optax.GradientTransformation:
     """Multiply each update by its parameter's lr_mult (stateless)."""
 
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("scale_by_lr_mult needs the params to know each parameter's path")
-        mults = jax.tree.map(lambda s: s.lr_mult, param_settings(params, cfg))
+        mults = jax.tree.map(lambda s: s.lr_mult, param_settings(params, cfg, extra))
         return jax.tree.map(
             lambda u, m: u if m == 1.0 else u * jnp.asarray(m, u.dtype), updates, mults
         ), state
@@ -145,7 +153,9 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     )  # fmt: skip
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    cfg: OptimConfig, total_steps: int, extra: tuple[str, ...] = ()
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optax transformation, learning-rate schedule) for these settings and run length.
 
     The chain: zero the gradients of frozen parameters -> clip by global norm -> (for the
@@ -156,12 +166,12 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
     schedule = make_schedule(cfg, total_steps)
     adam = optax.chain(
         optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
-        optax.add_decayed_weights(cfg.weight_decay, mask=_mask(cfg, "decay")),
+        optax.add_decayed_weights(cfg.weight_decay, mask=_mask(cfg, "decay", True, extra)),
         optax.scale_by_learning_rate(schedule),
-        scale_by_lr_mult(cfg),
+        scale_by_lr_mult(cfg, extra),
     )
-    parts = [optax.masked(optax.set_to_zero(), _mask(cfg, "frozen"))]
+    parts = [optax.masked(optax.set_to_zero(), _mask(cfg, "frozen", True, extra))]
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.masked(adam, _mask(cfg, "frozen", False)))
+    parts.append(optax.masked(adam, _mask(cfg, "frozen", False, extra)))
     return optax.chain(*parts), schedule

@@ -79,12 +79,14 @@ def train_step(
     grad_accum: int = 1,
     spike_sigmas: float = 6.0,
     task=None,
+    trainable=None,
 ):
     """One optimizer update on a global batch (optionally in `grad_accum` micro-batches).
 
     `task` (llm/train/tasks.py; default language modelling) gives the loss and its normaliser.
     A non-finite loss or gradient leaves params and optimizer state untouched and counts a skip;
-    the host loop decides (train.nan_policy) whether to stop or go on. With a loss-spike monitor
+    the host loop decides (train.nan_policy) whether to stop or go on. `trainable(params)` (a
+    pytree of bools) drops the gradients of frozen parameters. With a loss-spike monitor
     in the state (train.spike_window > 0) a spiking loss is skipped the same way.
     """
     normaliser, loss_fn = (scored_tokens, _loss) if task is None else (task.normaliser, task.loss)
@@ -118,6 +120,10 @@ def train_step(
             body, (zeros, 0.0, 0.0, aux_zero), (micro, jnp.arange(grad_accum))
         )
 
+    if trainable is not None:
+        # Frozen parameters' gradients are dropped here, before anything reads them, so XLA never
+        # computes them (a LoRA step does no weight-gradient matmul for the frozen base).
+        grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable(grads))
     grad_norm = optax.tree.norm(grads)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     # Parameters that layers set outside the optimizer (channels.set_param), then the rest.
