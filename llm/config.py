@@ -237,6 +237,8 @@ def from_dict(cls, d: dict[str, Any], path: str = ""):
 
 def _coerce(value, typ, where: str):
     """Check scalar types (ml_collections already type-checks overrides of existing keys)."""
+    if typing.get_origin(typ) is tuple and isinstance(value, list):
+        return tuple(value)  # JSON gives lists; frozen (hashable) configs keep tuples
     if typing.get_origin(typ) not in (None, typing.Union, types.UnionType):
         return value  # containers (e.g. mesh.rules) are checked by their dataclass
     base = [t for t in typing.get_args(typ) if t is not type(None)] or [typ]
