@@ -197,6 +197,19 @@ class Checkpointer:
             return lora.combine(self.base(), adapters)
         return self._restore_params(step, abstract_params)
 
+    def restore_params_dropping(self, step: int, abstract_params, dropped: tuple[str, ...]):
+        """The saved parameters into `abstract_params`, which lacks the top-level subtrees
+        `dropped` (e.g. `lm_head` when a classifier starts from a language model)."""
+        item_dir = self._item_dir(step, "params")
+        check_compatible(item_dir, abstract_params, step, "params", ignore_saved=dropped)
+        restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), abstract_params)
+        args = ocp.args.PyTreeRestore(item=abstract_params, restore_args=restore_args, partial_restore=True)
+        handler = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+        try:
+            return handler.restore(epath.Path(item_dir), args=args)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointCorrupt(f"checkpoint {self.directory}/{step} cannot be restored: {e}") from e
+
     def _restore_params(self, step: int, abstract_params):
         if not self.is_legacy(step):
             check_compatible(self._item_dir(step, "params"), abstract_params, step, "params")
@@ -291,7 +304,7 @@ def _leaf_name(path) -> str:
 
 
 def check_compatible(state_dir: str, abstract_state, step: int, item: str | None = None,
-                     only: str | None = None) -> set[str]:  # fmt: skip
+                     only: str | None = None, ignore_saved: tuple[str, ...] = ()) -> set[str]:  # fmt: skip
     """Compare an item's saved tree metadata with the target before reading any array.
 
     Unreadable metadata is damage (CheckpointCorrupt: the caller falls back to an older step);
@@ -311,6 +324,8 @@ def check_compatible(state_dir: str, abstract_state, step: int, item: str | None
         raise CheckpointCorrupt(f"checkpoint {state_dir} has no arrays")
     if only is not None:
         saved = {k: m for k, m in saved.items() if k == only or k.startswith(only + ".")}
+    # Saved subtrees the target drops on purpose (an LM head under a new classifier head).
+    saved = {k: m for k, m in saved.items() if not any(k == x or k.startswith(x + ".") for x in ignore_saved)}
     want = {_leaf_name(p): a for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
     if item:
         saved = {f"{item}.{k}": m for k, m in saved.items()}
@@ -390,9 +405,12 @@ def restore_base_params(src: str, step: int | None, base_target):
             raise FileNotFoundError(
                 f"train.init_from={src}: no checkpoint for step {step}; available: {steps}"
             )
-        if ckpt.read_config(step).get("model", {}).get("lora", {}).get("rank"):
+        saved_model = ckpt.read_config(step).get("model", {})
+        if saved_model.get("lora", {}).get("rank"):
             raise ConfigError(f"train.init_from={src} is a LoRA run; merge its adapters first "
                               f"(python -m llm.convert --workdir={src} --merge_lora=<new dir>) and start from that")  # fmt: skip
+        if "lm_head" not in base_target and not ckpt.is_legacy(step):
+            return ckpt.restore_params_dropping(step, base_target, ("lm_head",))
         return ckpt.restore_params(step, base_target)
     finally:
         ckpt.close()

@@ -49,6 +49,22 @@ class TokenizerConfig:
 
 
 @dataclass(frozen=True)
+class ClassificationDataConfig:
+    """Labelled texts for `data.kind=classification` (llm/data/classification.py)."""
+
+    # class names in label-id order; empty = the sorted distinct labels of the corpus
+    labels: tuple[str, ...] = ()
+    split: tuple[float, ...] = (0.7, 0.1, 0.2)  # train / validation / test, stratified per class
+    balanced: bool = False  # oversample the training examples of smaller classes to equal counts
+    label_field: str = "label"  # JSONL field of the label (TSV: the first column)
+
+    def __post_init__(self):
+        if len(self.split) != 3 or min(self.split) < 0 or self.split[0] <= 0 or self.split[1] <= 0:
+            raise ConfigError(f"data.classification.split={self.split}: three fractions (train, validation, "
+                              "test), train and validation > 0")  # fmt: skip
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Text corpus -> tokens -> packed windows of seq_len (+1 for the shifted targets)."""
 
@@ -62,6 +78,7 @@ class DataConfig:
     seed: int = 0
     worker_threads: int = 2  # grain prefetch threads
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    classification: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
 
     def __post_init__(self):
         from llm.data.sources import DATA_SOURCES  # noqa: PLC0415 (import cycle)

@@ -416,6 +416,15 @@ def run_suite(
     bs = batch_size or cfg.train.eval_batch_size or cfg.train.batch_size
     seq_len = cfg.data.seq_len
     result: dict[str, Any] = {"workdir": workdir, "step": run.step, "eval_sets": {}}
+    out = out or os.path.join(workdir, "eval")
+    if cfg.model.head == "classifier":  # a classifier has no LM logits: its task's splits instead
+        os.makedirs(out, exist_ok=True)
+        result["classification"] = classification_splits(run, bs, out)
+        path = os.path.join(out, f"step_{run.step}.json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        result["json"] = path
+        return result
     for spec in eval_sets:
         docs = eval_set_documents(spec, cfg)
         name = spec if spec == HELDOUT else os.path.basename(spec.removeprefix("builtin:"))
@@ -425,7 +434,6 @@ def run_suite(
         examples = next_line_task(mc_examples, mc_choices, seed=mc_seed)
         mc = multiple_choice(model, params, tok, examples, seq_len, n_bins=n_bins)
         result["multiple_choice"] = {MC_TASK: mc}
-    out = out or os.path.join(workdir, "eval")
     os.makedirs(out, exist_ok=True)
     if passkey_lengths:
         grid = passkey_grid(model, params, tok, passkey_lengths, passkey_depths, passkey_examples)
@@ -445,8 +453,62 @@ def run_suite(
     return result
 
 
+def classification_splits(run, batch_size: int, out: str) -> dict[str, Any]:
+    """A classifier's metrics on its validation and test splits (llm/data/classification.py):
+    accuracy, per-class precision / recall / F1, macro F1, confusion matrix (+ a PNG of it)."""
+    from llm.data import pipeline  # noqa: PLC0415
+    from llm.data.classification import ClassificationSource  # noqa: PLC0415
+    from llm.train.tasks import Classify  # noqa: PLC0415
+
+    src = ClassificationSource(run.config.data)
+    task = Classify()
+    fn = jax.jit(lambda p, b: task.eval_sums(p, b, model=run.model, token_bytes=None))
+    names = list(run.config.data.classification.labels) or None
+    res = {}
+    for split in ("validation", "test"):
+        ex = src.examples(run.tokenizer, split)
+        m = task.summary(fn(run.params, b) for b in pipeline.eval_batches(ex, batch_size))
+        m["labels"] = names or src.label_names
+        m["confusion_png"] = os.path.join(out, f"confusion_{split}_step_{run.step}.png")
+        confusion_plot(m["confusion"], m["labels"], m["confusion_png"], f"{split}, step {run.step}")
+        res[split] = m
+    return res
+
+
+def confusion_plot(confusion, labels, path: str, title: str = ""):
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    conf = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(3.2, 3))
+    ax.imshow(conf, cmap="Blues")
+    for i in range(conf.shape[0]):
+        for j in range(conf.shape[1]):
+            ax.text(j, i, str(conf[i, j]), ha="center", va="center",
+                    color="white" if conf[i, j] > conf.max() / 2 else "black")  # fmt: skip
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def format_result(result: dict[str, Any]) -> str:
     """The suite's numbers as the CLI prints them."""
+    if "classification" in result:
+        lines = [f"step {result['step']} of {result['workdir']}", ""]
+        for split, m in result["classification"].items():
+            per = " | ".join(f"{lab}: P {p:.3f} R {r:.3f} F1 {f:.3f}" for lab, p, r, f in
+                             zip(m["labels"], m["precision"], m["recall"], m["f1"], strict=True))  # fmt: skip
+            lines += [f"{split}: accuracy {m['accuracy']:.4f} | macro F1 {m['macro_f1']:.4f} | loss {m['loss']:.4f} "
+                      f"| {m['examples']} examples", f"  {per}", f"  confusion (rows true, columns predicted): "
+                      f"{m['confusion']}  {m['confusion_png']}"]  # fmt: skip
+        return "\n".join(lines + ["", f"wrote {result['json']}"])
     lines = [f"step {result['step']} of {result['workdir']}", "",
              f"{'eval set':<22}{'loss':>8}{'ppl':>10}{'bpb':>8}{'tokens':>9}"]  # fmt: skip
     for name, m in result["eval_sets"].items():

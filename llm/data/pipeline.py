@@ -65,7 +65,7 @@ def make_example(chunk: np.ndarray, seg: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {k: np.stack([e[k] for e in examples]) for k in FIELDS}
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 def train_dataset(
@@ -82,6 +82,7 @@ def train_dataset(
     fixed cut points), while each epoch still covers the stream once. One window is dropped to
     leave room for the offset.
     """
+    shift_windows = shift_windows and getattr(windows, "shiftable", True)  # examples are not a stream
     n = len(windows) - int(shift_windows)
     if n < global_batch:
         raise ValueError(
@@ -121,7 +122,10 @@ def eval_batches(
     n_batches = -(-len(windows) // global_batch)
     if max_batches:
         n_batches = min(n_batches, max_batches)
-    empty = make_example(np.zeros(windows.seq_len + 1, np.int32), np.zeros(windows.seq_len + 1, np.int32))
+    if hasattr(windows, "empty"):  # a source with its own padding row (classification examples)
+        empty = windows.empty()
+    else:
+        empty = make_example(np.zeros(windows.seq_len + 1, np.int32), np.zeros(windows.seq_len + 1, np.int32))
     for b in range(n_batches):
         rows = range(b * global_batch + process_index * local, b * global_batch + (process_index + 1) * local)
         yield stack([windows[i] if i < len(windows) else empty for i in rows])

@@ -141,7 +141,8 @@ class TextSource(DataSource):
 
 
 def _load_all() -> None:
-    """Import the modules that register further data sources (none yet besides `text`)."""
+    """Import the modules that register further data sources."""
+    from llm.data import classification  # noqa: F401, PLC0415  (registers `classification`)
 
 
 def source_for(cfg) -> DataSource:

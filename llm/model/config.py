@@ -177,6 +177,11 @@ class ModelConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     ffn: FFNConfig = field(default_factory=FFNConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # What the model outputs: `lm` (next-token logits [B, T, V]) or `classifier` (class logits
+    # [B, n_classes] from the last real token's or the mean hidden state: `pool`), for train.task=classify.
+    head: str = "lm"
+    n_classes: int = 2
+    pool: str = "last"  # last | mean
 
     def __post_init__(self):
         a = self.attention
@@ -263,6 +268,9 @@ class ModelConfig:
         _check(self.final_logit_softcap is None or self.final_logit_softcap > 0,
                f"model.final_logit_softcap={self.final_logit_softcap} must be > 0 (or unset)")  # fmt: skip
         _check(a.nope_every >= 0, "model.attention.nope_every must be >= 0 (0 = off)")
+        _check(self.head in ("lm", "classifier"), f"model.head={self.head!r}: choose lm or classifier")
+        _check(self.pool in ("last", "mean"), f"model.pool={self.pool!r}: choose last or mean")
+        _check(self.n_classes >= 2, f"model.n_classes={self.n_classes} must be >= 2")
         lo = self.lora
         _check(lo.rank >= 0 and lo.alpha > 0 and 0 <= lo.dropout < 1,
                f"model.lora: rank >= 0 (0 = off), alpha > 0, 0 <= dropout < 1; got rank={lo.rank}, "

@@ -37,8 +37,8 @@ ALIASES = {
     "mlp": r"(^|/)mlp/(fc_in|fc_out|gate|up|down)$",
     "all_linear": r"(^|/)(attn|mlp)/[^/]+$",
 }
-# optim.groups rules a LoRA run adds after the user's: adapters train, everything else is frozen.
-OPTIMIZER_GROUPS = (r"(^|/)lora_(a|b)$: frozen=false", r".*: frozen")
+# optim.groups rules a LoRA run adds after the user's: adapters (and a classifier head) train, the rest is frozen.
+OPTIMIZER_GROUPS = (r"(^|/)lora_(a|b)$: frozen=false", r"^cls_head/: frozen=false", r".*: frozen")
 
 
 def target_patterns(targets) -> list[re.Pattern]:
@@ -134,17 +134,26 @@ def merge(params, lora) -> dict:
     return walk(params)
 
 
-def split(params) -> tuple[dict, dict]:
-    """(adapters, base): the params tree cut in two (each keeps only its own leaves)."""
+# Parameters a fine-tuning run owns besides the base it starts from: adapters, a new task head.
+OWN_HEADS = ("cls_head",)
 
-    def walk(tree, want_adapters: bool):
+
+def _own(path: tuple[str, ...]) -> bool:
+    return path[-1] in ADAPTERS or path[0] in OWN_HEADS
+
+
+def split(params) -> tuple[dict, dict]:
+    """(own, base): the params tree cut in two, each keeping only its leaves. `own` = the adapters
+    and a task head (what a LoRA run trains and checkpoints); `base` = what comes from init_from."""
+
+    def walk(tree, want_own: bool, prefix=()):
         out = {}
         for k, v in tree.items():
             if isinstance(v, dict):
-                sub = walk(v, want_adapters)
+                sub = walk(v, want_own, (*prefix, k))
                 if sub:
                     out[k] = sub
-            elif (k in ADAPTERS) == want_adapters:
+            elif _own((*prefix, k)) == want_own:
                 out[k] = v
         return out
 

@@ -84,6 +84,8 @@ class Transformer(nn.Module):
 
         if cfg.norm_position == "pre":
             x_BTD = make_norm(cfg, "norm_final")(x_BTD)
+        if cfg.head == "classifier":  # class logits [B, C] from one vector per sequence
+            return classifier_head(cfg, x_BTD, segment_ids_BT)
         if cfg.tie_embeddings:
             # embed.attend's computation, with CPU-friendly gradients (llm/model/dots.py).
             logits_BTV = dots.attend(x_BTD.astype(dtype), embed.embedding.astype(dtype), cfg.matmul_dtype)
@@ -98,6 +100,29 @@ class Transformer(nn.Module):
             c = cfg.final_logit_softcap
             logits_BTV = (c * jnp.tanh(logits_BTV.astype(jnp.float32) / c)).astype(logits_BTV.dtype)
         return constrain(logits_BTV, ("batch", "length", "act_vocab"))
+
+
+def pool(x_BTD, segment_ids_BT, how: str):
+    """One vector per row: the last real token's (`last`; the only one that has seen the whole
+    text under causal attention) or the mean over real tokens (`mean`). Padding has segment 0."""
+    real_BT = segment_ids_BT != 0
+    if how == "mean":
+        w_BT1 = real_BT[..., None].astype(jnp.float32)
+        return (jnp.sum(x_BTD.astype(jnp.float32) * w_BT1, 1) / jnp.maximum(jnp.sum(w_BT1, 1), 1.0)).astype(
+            x_BTD.dtype
+        )
+    t = x_BTD.shape[1]
+    last_B = jnp.max(jnp.where(real_BT, jnp.arange(t)[None], 0), axis=1)
+    return jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)[:, 0]
+
+
+def classifier_head(cfg: ModelConfig, x_BTD, segment_ids_BT):
+    """`model.head=classifier`: a linear layer on the pooled hidden state -> [B, n_classes] (f32)."""
+    dtype, pdtype = dtypes(cfg)
+    pooled_BD = pool(x_BTD, segment_ids_BT, cfg.pool)
+    head = nn.Dense(cfg.n_classes, dtype=dtype, param_dtype=pdtype, name="cls_head",
+                    kernel_init=init(cfg.init_std, ("embed", None)))  # fmt: skip
+    return head(pooled_BD).astype(jnp.float32)
 
 
 def layer_stack(cfg: ModelConfig, x_BTD, ctx):

@@ -129,8 +129,9 @@ def compile_steps(exp: Experiment):
     """Jitted train and eval steps with explicit shardings; the train state is donated.
 
     (The step functions are looked up here, in this module, so tests can substitute them.)"""
+    lm = exp.trainer.task.name == "lm"
     return exp.trainer.jit_train_step(train_step), exp.trainer.jit_eval_step(
-        exp.tokenizer.token_bytes, eval_step
+        exp.tokenizer.token_bytes, eval_step if lm else None
     )
 
 
@@ -139,9 +140,23 @@ def evaluate(exp: Experiment, eval_fn, params) -> dict[str, float]:
     t = exp.cfg.train
     batches = pipeline.eval_batches(exp.eval_windows, t.eval_batch_size or t.batch_size, jax.process_index(),
                                     jax.process_count(), t.eval_batches)  # fmt: skip
-    s = eval_summary(eval_fn(params, to_global(exp, local)) for local in batches)
+    outputs = (eval_fn(params, to_global(exp, local)) for local in batches)
+    if exp.trainer.task.name != "lm":  # the task's own metrics (classification: accuracy, F1, ...)
+        s = exp.trainer.task.summary(outputs)
+        return {f"eval_{k}": v for k, v in s.items() if not isinstance(v, list)}
+    s = eval_summary(outputs)
     return {"eval_loss": s["loss"], "eval_ppl": s["perplexity"], "eval_bpb": s["bits_per_byte"],
             "eval_tokens": s["tokens"]}  # fmt: skip
+
+
+def eval_line(row: dict, final: bool = False) -> str:
+    """The console summary of an eval row: loss (perplexity) and bits per byte, or loss and
+    accuracy / macro F1."""
+    if "eval_bpb" in row:
+        ppl = f" | perplexity {row['eval_ppl']:.2f}" if final else ""
+        return f"loss {row['eval_loss']:.4f}{ppl} | bits per byte {row['eval_bpb']:.4f}"
+    extra = " | ".join(f"{k[5:]} {row[k]:.4f}" for k in ("eval_accuracy", "eval_macro_f1") if k in row)
+    return f"loss {row['eval_loss']:.4f}" + (f" | {extra}" if extra else "")
 
 
 def _say(bar, is_main: bool, msg: str) -> None:
@@ -241,7 +256,8 @@ def init_params_from(spec: str, trainer: Trainer, fresh=None):
     """Parameters of another run (`train.init_from`), restored straight into this run's shardings.
     A LoRA run (model.lora.rank > 0) takes its base from there and keeps `fresh`'s adapters."""
     src, step = parse_init_from(spec)
-    if trainer.cfg.model.lora.rank:
+    own_target, _ = lora_lib.split(trainer.params_target())
+    if own_target:  # LoRA adapters or a new task head: the base from `src`, the rest fresh
         adapters, base_target = lora_lib.split(trainer.params_target())
         try:
             base = restore_base_params(src, step, base_target)
@@ -366,8 +382,7 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
                     row.update(evaluate(exp, eval_fn, state.params))
                     t_window = time.perf_counter()  # keep eval time out of tokens/s
-                    _say(bar, is_main, f"step {step}: eval loss {row['eval_loss']:.4f} | bits per byte "
-                         f"{row['eval_bpb']:.4f}")  # fmt: skip
+                    _say(bar, is_main, f"step {step}: eval {eval_line(row)}")
                 writer.write(step, row)
                 if row.get("loss_spike"):
                     _say(bar, is_main, f"step {step}: skipped {row['loss_spike']:.0f} loss-spike update(s) in the "
@@ -400,8 +415,7 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
             result.update(step=step, n_params=n_params)
             writer.write(step, result)
             if is_main:
-                print(f"final eval at step {step}: loss {result['eval_loss']:.4f} | perplexity "
-                      f"{result['eval_ppl']:.2f} | bits per byte {result['eval_bpb']:.4f}", flush=True)  # fmt: skip
+                print(f"final eval at step {step}: {eval_line(result, final=True)}", flush=True)
     finally:
         profiler.stop()
         if bar is not None:
