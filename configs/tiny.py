@@ -10,6 +10,8 @@ from llm.model.presets import PRESETS
 
 
 def get_config(arg: str | None = None):
+    if arg not in (None, "", "gpt2", "llama"):
+        raise ValueError(f"configs/tiny.py:{arg}: choose gpt2 (the default) or llama")
     c = base.get_config()
     base.apply_model_preset(c, PRESETS["tiny-llama" if arg == "llama" else "tiny-gpt2"])
     c.data.corpus = "builtin:the-verdict.txt"

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 import jax
+from etils import epath
 
 from llm import sharding
 from llm.checkpoint import Checkpointer, run_checkpointer
@@ -25,6 +26,14 @@ class Loaded:
     model: Transformer
     step: int
 
+    def __repr__(self) -> str:  # the default would print every parameter array
+        m = self.config.model
+        n = sum(int(x.size) for x in jax.tree.leaves(self.params))
+        kinds = m.attention.pattern or (m.attention.kind,)
+        return (f"Loaded(step={self.step}, params={n:,}, d_model={m.d_model}, n_layers={m.n_layers}, "
+                f"attention={'/'.join(kinds)}, ffn={m.ffn.kind}, head={m.head}, tokenizer={self.tokenizer.kind} "
+                f"({self.tokenizer.vocab_size} ids))")  # fmt: skip
+
     def generate(self, prompt: str | list[str], **kw) -> str | list[str]:
         """Continuation(s) of a prompt or a batch of prompts; see llm.infer.generation.generate."""
         from llm.infer.generation import generate  # noqa: PLC0415
@@ -37,6 +46,8 @@ def load(workdir: str, step: int | None = None, mesh=None) -> Loaded:
 
     Parameters are resharded on restore, so a checkpoint written on a pod loads in a notebook.
     """
+    if not epath.Path(workdir, "checkpoints").is_dir():  # (Orbax would create it: load only reads)
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first (or check the path)")
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     steps = ckpt.steps()
     if not steps:

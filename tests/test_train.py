@@ -120,3 +120,31 @@ def test_sigterm_saves_and_resumes(tmp_path, repo_root):
                        cwd=repo_root, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"resuming at step {saved[-1]}" in r.stdout
+
+
+def test_a_refused_resume_leaves_the_run_record_alone(trained, tmp_path):
+    """Resuming with another model is refused, and config.json still describes the saved run."""
+    import shutil
+
+    from llm.registry import ConfigError
+
+    wd, cfg, _ = trained
+    copy = str(tmp_path / "copy")
+    shutil.copytree(wd, copy)
+    before = open(os.path.join(copy, "config.json")).read()
+    with pytest.raises(ConfigError, match="different model"):
+        train(tiny_cfg(**{"train.steps": 20, "checkpoint.every": 5, "model.positional": "rope"}), copy)
+    assert open(os.path.join(copy, "config.json")).read() == before
+
+
+def test_read_only_commands_create_nothing_and_notebook_objects_print_short(trained, tmp_path):
+    from configs import tiny
+    from llm.api import load
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load(str(tmp_path / "missing"))
+    assert not (tmp_path / "missing").exists()
+    with pytest.raises(ValueError, match="choose gpt2"):
+        tiny.get_config("lama")
+    r = repr(load(trained[0]))
+    assert len(r) < 300 and "step=20" in r and "params=" in r

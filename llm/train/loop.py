@@ -306,10 +306,6 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
     exp = build(cfg, workdir)
     cfg = exp.cfg
     is_main = jax.process_index() == 0
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json())
-
     abstract = exp.trainer.restore_target()
     ckpt = run_checkpointer(workdir, cfg, abstract.params, keep=cfg.checkpoint.keep,
                             async_save=cfg.checkpoint.async_save)  # fmt: skip
@@ -332,6 +328,9 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
     else:
         start, state, _ = restored
         log.info("resumed from checkpoint step %d", start)
+    if is_main:  # only now: a refused resume must not overwrite the record of the run it refused
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(cfg.to_json())
     n_params = state_lib.count_params(state.params)
     train_fn, eval_fn = compile_steps(exp)
     writer = MetricWriter(workdir)
