@@ -65,6 +65,15 @@ class ClassificationDataConfig:
 
 
 @dataclass(frozen=True)
+class InstructionDataConfig:
+    """Instruction / response records for `data.kind=instructions` (llm/data/instructions.py)."""
+
+    template: str = "alpaca"  # registry TEMPLATES: alpaca | phi3
+    prompt_loss: bool = False  # also score the prompt's tokens (default: the response's alone)
+    split: tuple[float, ...] = (0.85, 0.05, 0.10)  # train / validation / test, in file order (935/55/110)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Text corpus -> tokens -> packed windows of seq_len (+1 for the shifted targets)."""
 
@@ -79,6 +88,7 @@ class DataConfig:
     worker_threads: int = 2  # grain prefetch threads
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     classification: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
+    instructions: InstructionDataConfig = field(default_factory=InstructionDataConfig)
 
     def __post_init__(self):
         from llm.data.sources import DATA_SOURCES  # noqa: PLC0415 (import cycle)

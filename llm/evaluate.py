@@ -407,6 +407,7 @@ def run_suite(
     passkey_lengths: Sequence[int] = (),
     passkey_depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     passkey_examples: int = 20,
+    answer_tokens: int = 128,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on everything above; writes JSON (and the reliability PNG) under `out`."""
     import llm  # noqa: PLC0415
@@ -417,6 +418,14 @@ def run_suite(
     seq_len = cfg.data.seq_len
     result: dict[str, Any] = {"workdir": workdir, "step": run.step, "eval_sets": {}}
     out = out or os.path.join(workdir, "eval")
+    if cfg.data.kind == "instructions":  # held-out loss on responses + generated answers
+        os.makedirs(out, exist_ok=True)
+        result["instructions"] = instruction_splits(run, bs, out, max_new_tokens=answer_tokens)
+        path = os.path.join(out, f"step_{run.step}.json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        result["json"] = path
+        return result
     if cfg.model.head == "classifier":  # a classifier has no LM logits: its task's splits instead
         os.makedirs(out, exist_ok=True)
         result["classification"] = classification_splits(run, bs, out)
@@ -451,6 +460,43 @@ def run_suite(
         )
     result["json"] = path
     return result
+
+
+def instruction_splits(run, batch_size: int, out: str, max_new_tokens: int = 128) -> dict[str, Any]:
+    """An instruction-tuned run: loss on the responses of the validation and test splits
+    (prompt tokens unscored), and greedy answers to the test instructions written to
+    `<out>/answers_step_<N>.jsonl` next to the gold outputs."""
+    from llm.data import pipeline  # noqa: PLC0415
+    from llm.data.instructions import InstructionSource  # noqa: PLC0415
+    from llm.infer.engine import Sampling  # noqa: PLC0415
+    from llm.infer.generation import generate_ids  # noqa: PLC0415
+    from llm.train.step import eval_step, eval_summary  # noqa: PLC0415
+
+    src = InstructionSource(run.config.data)
+    token_bytes = jax.numpy.pad(jax.numpy.asarray(run.tokenizer.token_bytes),
+                                (0, run.config.model.vocab_size - len(run.tokenizer.token_bytes)))  # fmt: skip
+    fn = jax.jit(lambda p, b: eval_step(p, b, model=run.model, token_bytes=token_bytes))
+    res: dict[str, Any] = {}
+    for split in ("validation", "test"):
+        s = eval_summary(
+            fn(run.params, b) for b in pipeline.eval_batches(src.examples(run.tokenizer, split), batch_size)
+        )
+        res[split] = {"loss": s["loss"], "perplexity": s["perplexity"], "response_tokens": s["tokens"]}
+    fmt, recs = src.template(), src.splits()["test"]
+    room = run.config.model.max_seq_len - max_new_tokens
+    prompts = [run.tokenizer.encode(fmt(r))[-room:] for r in recs]
+    path = os.path.join(out, f"answers_step_{run.step}.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(0, len(prompts), batch_size):
+            outs = generate_ids(run.model, run.params, prompts[i : i + batch_size], max_new_tokens,
+                                sampling=Sampling(temperature=0.0), stop_ids=[run.tokenizer.eos_id],
+                                pad_id=run.tokenizer.pad_id)  # fmt: skip
+            for r, ids in zip(recs[i : i + batch_size], outs, strict=True):
+                f.write(json.dumps({"instruction": r["instruction"], "input": r.get("input", ""),
+                                    "output": r["output"], "generated": run.tokenizer.decode(ids)}) + "\n")  # fmt: skip
+    res["answers_jsonl"] = path
+    res["n_answers"] = len(prompts)
+    return res
 
 
 def classification_splits(run, batch_size: int, out: str) -> dict[str, Any]:
@@ -500,6 +546,17 @@ def confusion_plot(confusion, labels, path: str, title: str = ""):
 
 def format_result(result: dict[str, Any]) -> str:
     """The suite's numbers as the CLI prints them."""
+    if "instructions" in result:
+        r = result["instructions"]
+        lines = [f"step {result['step']} of {result['workdir']}", ""]
+        lines += [f"{split}: response loss {r[split]['loss']:.4f} | perplexity {r[split]['perplexity']:.2f} | "
+                  f"{r[split]['response_tokens']} response tokens" for split in ("validation", "test")]  # fmt: skip
+        lines += [
+            f"answers to {r['n_answers']} test instructions: {r['answers_jsonl']}",
+            "",
+            f"wrote {result['json']}",
+        ]
+        return "\n".join(lines)
     if "classification" in result:
         lines = [f"step {result['step']} of {result['workdir']}", ""]
         for split, m in result["classification"].items():
@@ -546,7 +603,7 @@ def main(argv):
                            f.mc_choices, f.mc_seed, f.bins, f.out,
                            passkey_lengths=[int(x) for x in f.passkey_lengths],
                            passkey_depths=[float(x) for x in f.passkey_depths],
-                           passkey_examples=f.passkey_examples)  # fmt: skip
+                           passkey_examples=f.passkey_examples, answer_tokens=f.answer_tokens)  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -575,6 +632,7 @@ def _define_flags():
     )
     flags.DEFINE_list("passkey_depths", ["0", "0.25", "0.5", "0.75", "1"], "Passkey depths (0 = start).")
     flags.DEFINE_integer("passkey_examples", 20, "Passkey examples per grid cell.")
+    flags.DEFINE_integer("answer_tokens", 128, "Instruction runs: new tokens per generated answer.")
     flags.mark_flags_as_required(["workdir"])
 
 
