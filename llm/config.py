@@ -89,6 +89,8 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     classification: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
     instructions: InstructionDataConfig = field(default_factory=InstructionDataConfig)
+    # data.kind=preferences (llm/data/preferences.py): train / validation fractions, in file order
+    preference_split: tuple[float, ...] = (0.8, 0.2)
 
     def __post_init__(self):
         from llm.data.sources import DATA_SOURCES  # noqa: PLC0415 (import cycle)
@@ -127,7 +129,8 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    task: str = "lm"  # registry TASKS (llm/train/tasks.py): what a batch holds and what is minimised
+    task: str = "lm"  # registry TASKS (llm/train/tasks.py): lm | classify | dpo
+    dpo_beta: float = 0.1  # DPO: the strength of the implicit KL to the reference (train.task=dpo)
     # Start a new run from another run's parameters (fresh optimizer): "<run dir>[:step]".
     init_from: str | None = None
     steps: int = 1000

@@ -142,7 +142,7 @@ class TextSource(DataSource):
 
 def _load_all() -> None:
     """Import the modules that register further data sources."""
-    from llm.data import classification, instructions  # noqa: F401, PLC0415  (register their kinds)
+    from llm.data import classification, instructions, preferences  # noqa: F401, PLC0415  (register kinds)
 
 
 def source_for(cfg) -> DataSource:

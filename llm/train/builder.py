@@ -111,5 +111,5 @@ def build_trainer(cfg: RunConfig, mesh: Mesh) -> Trainer:
     tx, schedule = optim_lib.make_optimizer(cfg.optim, cfg.train.steps, optimizer_groups(cfg))
     abstract, shardings = state_lib.state_shardings(model, tx, cfg.data.seq_len, mesh, cfg.mesh.rules,
                                                     cfg.train.spike_window)  # fmt: skip
-    return Trainer(cfg=cfg, mesh=mesh, model=model, tx=tx, schedule=schedule, task=tasks.get(cfg.train.task),
+    return Trainer(cfg=cfg, mesh=mesh, model=model, tx=tx, schedule=schedule, task=tasks.get(cfg.train.task, cfg),
                    abstract_state=abstract, state_shardings=shardings)  # fmt: skip

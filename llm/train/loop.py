@@ -328,6 +328,16 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
     else:
         start, state, _ = restored
         log.info("resumed from checkpoint step %d", start)
+    task = exp.trainer.task
+    if hasattr(task, "prepare"):  # e.g. DPO's reference log-probabilities, from the starting parameters
+        ref = (
+            state.params
+            if restored is None
+            else init_params_from(cfg.train.init_from, exp.trainer, state.params)[0]
+        )
+        for examples in (exp.train_windows, exp.eval_windows):
+            task.prepare(examples, ref, exp.model, cfg.train.eval_batch_size or cfg.train.batch_size)
+        del ref
     if is_main:  # only now: a refused resume must not overwrite the record of the run it refused
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json())

@@ -138,5 +138,11 @@ def classification_metrics(confusion, loss: float) -> dict:
             "macro_f1": float(f1.mean()), "confusion": conf.astype(int).tolist(), "examples": int(conf.sum())}  # fmt: skip
 
 
-def get(name: str) -> Task:
-    return TASKS.get(name, "train.task")()
+def get(name: str, cfg=None) -> Task:
+    """The task named `name`, configured from the RunConfig `cfg` when it takes settings."""
+    from llm.train import dpo  # noqa: F401, PLC0415  (registers `dpo`)
+
+    task = TASKS.get(name, "train.task")()
+    if cfg is not None and hasattr(task, "configure"):
+        task.configure(cfg)
+    return task
