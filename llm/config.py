@@ -20,6 +20,7 @@ from llm.registry import ConfigError, did_you_mean
 from llm.sharding import MeshConfig
 
 SP_MODEL_TYPES = ("bpe", "unigram")
+PAUSE = "<pause>"  # the pause token's name (llm/data/pause.py)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,15 @@ class InstructionDataConfig:
 
 
 @dataclass(frozen=True)
+class PauseConfig:
+    """Pause tokens (Goyal et al. 2023): a learned `<pause>` token (list it in
+    data.tokenizer.special_tokens) the model may "think" on; it is never a scored target."""
+
+    rate: float = 0.0  # pretraining: before each token, insert a pause with this probability (seeded)
+    k: int = 0  # fine-tuning and inference: append k pauses after the prompt (or the classified text)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Text corpus -> tokens -> packed windows of seq_len (+1 for the shifted targets)."""
 
@@ -89,6 +99,7 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     classification: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
     instructions: InstructionDataConfig = field(default_factory=InstructionDataConfig)
+    pause: PauseConfig = field(default_factory=PauseConfig)
     # data.kind=preferences (llm/data/preferences.py): train / validation fractions, in file order
     preference_split: tuple[float, ...] = (0.8, 0.2)
 
@@ -96,6 +107,15 @@ class DataConfig:
         from llm.data.sources import DATA_SOURCES  # noqa: PLC0415 (import cycle)
 
         DATA_SOURCES.get(self.kind, "data.kind")
+        if self.pause.rate or self.pause.k:
+            if not (0 <= self.pause.rate < 1 and self.pause.k >= 0):
+                raise ConfigError(
+                    f"data.pause: 0 <= rate < 1 and k >= 0; got rate={self.pause.rate}, k={self.pause.k}"
+                )
+            if PAUSE not in self.tokenizer.special_tokens:
+                raise ConfigError(
+                    f"data.pause needs the token: add --config.data.tokenizer.special_tokens=\"('{PAUSE}',)\""
+                )
         if self.seq_len <= 0:
             raise ConfigError("data.seq_len must be > 0")
         if not 0.0 < self.eval_fraction < 1.0 and self.eval_corpus is None:

@@ -482,9 +482,9 @@ def instruction_splits(run, batch_size: int, out: str, max_new_tokens: int = 128
             fn(run.params, b) for b in pipeline.eval_batches(src.examples(run.tokenizer, split), batch_size)
         )
         res[split] = {"loss": s["loss"], "perplexity": s["perplexity"], "response_tokens": s["tokens"]}
-    fmt, recs = src.template(), src.splits()["test"]
+    recs = src.splits()["test"]
     room = run.config.model.max_seq_len - max_new_tokens
-    prompts = [run.tokenizer.encode(fmt(r))[-room:] for r in recs]
+    prompts = [src.prompt_ids(run.tokenizer, r)[-room:] for r in recs]  # with the run's k pauses
     path = os.path.join(out, f"answers_step_{run.step}.jsonl")
     with open(path, "w", encoding="utf-8") as f:
         for i in range(0, len(prompts), batch_size):

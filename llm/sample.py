@@ -21,6 +21,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _REP = flags.DEFINE_float("repetition_penalty", 1.0, "CTRL repetition penalty (1 = off).")
 _QUANT = flags.DEFINE_enum("quantize", "none", ["none", "int8"], "Weight-only quantization.")
+_PAUSE = flags.DEFINE_integer(
+    "pause_tokens", None, "<pause> tokens appended to the prompt (default: the run's data.pause.k)."
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -42,6 +45,7 @@ def main(argv):
         run.model, run.params, run.tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
         temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
         repetition_penalty=_REP.value, quantize=_QUANT.value,
+        pause_tokens=run.config.data.pause.k if _PAUSE.value is None else _PAUSE.value,
     ):  # fmt: skip
         sys.stdout.write(piece)
         sys.stdout.flush()

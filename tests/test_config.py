@@ -204,6 +204,9 @@ README_FLAG_VALUES = {
     "model.head": "classifier", "model.n_classes": 3, "model.pool": "mean",
     "data.classification.labels": ("ham", "spam"), "data.classification.split": (0.8, 0.1, 0.1),
     "data.classification.balanced": True, "data.classification.label_field": "y",
+    "train.dpo_beta": 0.2, "data.instructions.template": "phi3", "data.instructions.prompt_loss": True,
+    "data.instructions.split": (0.8, 0.1, 0.1), "data.preference_split": (0.9, 0.1), "data.pause.rate": 0.05,
+    "data.pause.k": 2,
 }  # fmt: skip
 
 

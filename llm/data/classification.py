@@ -119,8 +119,11 @@ class ClassificationSource(DataSource):
 
     def examples(self, tok, split: str) -> LabelledExamples:
         texts, labels = self._load()
+        from llm.data.pause import append_pauses, pause_id  # noqa: PLC0415
+
         idx = self.split_index[split]
-        ids = [np.asarray(tok.encode(texts[i]), np.int32) for i in idx]
+        pid, k = pause_id(tok, self.cfg), self.cfg.pause.k  # the classifier reads the last pause's state
+        ids = [np.asarray(append_pauses(tok.encode(texts[i]), k, pid), np.int32) for i in idx]
         order = None
         if split == "train" and self.cfg.classification.balanced:
             order = balanced_order(labels[idx], self.cfg.seed)

@@ -71,8 +71,10 @@ class InstructionExamples:
 
     shiftable = False
 
-    def __init__(self, encoded: list[tuple[list[int], list[int]]], seq_len: int, eos: int, prompt_loss: bool):
+    def __init__(self, encoded: list[tuple[list[int], list[int]]], seq_len: int, eos: int, prompt_loss: bool,
+                 pause_id: int | None = None):  # fmt: skip
         self.encoded, self.seq_len, self.eos, self.prompt_loss = encoded, seq_len, eos, prompt_loss
+        self.pause_id = pause_id
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -91,6 +93,8 @@ class InstructionExamples:
         chunk = np.zeros(t + 1, np.int32)
         chunk[: len(ids)] = ids
         real = np.arange(t) < len(ids) - 1  # input positions whose target is a real token
+        if self.pause_id is not None:  # a pause is never a scored target (prompt_loss or not)
+            scored &= chunk != self.pause_id
         return {"tokens": chunk[:-1], "targets": chunk[1:], "positions": np.arange(t, dtype=np.int32) * real,
                 "segment_ids": real.astype(np.int32), "loss_mask": (scored[1:] & real).astype(np.float32)}  # fmt: skip
 
@@ -122,10 +126,18 @@ class InstructionSource(DataSource):
         fmt, sp = self.template(), self.splits()
         return [fmt(r) + r["output"] for r in sp["train"]], [fmt(r) + r["output"] for r in sp["validation"]]
 
+    def prompt_ids(self, tok, rec: dict) -> list[int]:
+        """The prompt's ids: the template, then `data.pause.k` pause tokens (llm/data/pause.py)."""
+        from llm.data.pause import append_pauses, pause_id  # noqa: PLC0415
+
+        return append_pauses(tok.encode(self.template()(rec)), self.cfg.pause.k, pause_id(tok, self.cfg))
+
     def examples(self, tok, split: str) -> InstructionExamples:
-        fmt = self.template()
-        enc = [(tok.encode(fmt(r)), tok.encode(r["output"])) for r in self.splits()[split]]
-        return InstructionExamples(enc, self.cfg.seq_len, tok.eos_id, self.cfg.instructions.prompt_loss)
+        from llm.data.pause import pause_id  # noqa: PLC0415
+
+        enc = [(self.prompt_ids(tok, r), tok.encode(r["output"])) for r in self.splits()[split]]
+        return InstructionExamples(enc, self.cfg.seq_len, tok.eos_id, self.cfg.instructions.prompt_loss,
+                                   pause_id(tok, self.cfg))  # fmt: skip
 
     def windows(self, tok):
         return self.examples(tok, "train"), self.examples(tok, "validation")

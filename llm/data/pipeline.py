@@ -18,9 +18,20 @@ from llm.data.tokenizers import Tokenizer
 FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 
 
-def tokenize(docs: list[str], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [N], segment [N]): each document's ids plus EOS; segment = document number (>= 1)."""
-    encoded = grain.MapDataset.source(docs).map(lambda d: np.asarray(tok.encode(d) + [tok.eos_id]))
+def tokenize(docs: list[str], tok: Tokenizer, pause_rate: float = 0.0, pause_id: int | None = None,
+             seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(ids [N], segment [N]): each document's ids plus EOS; segment = document number (>= 1).
+    With `pause_rate`, pause tokens are inserted (llm/data/pause.py; seeded per document)."""
+    from llm.data.pause import insert_pauses  # noqa: PLC0415
+
+    def encode(i_doc):
+        i, d = i_doc
+        ids = tok.encode(d)
+        if pause_rate and pause_id is not None:
+            ids = insert_pauses(ids, pause_rate, pause_id, np.random.default_rng([seed, i]))
+        return np.asarray(ids + [tok.eos_id])
+
+    encoded = grain.MapDataset.source(list(enumerate(docs))).map(encode)
     parts = list(encoded)
     ids = np.concatenate(parts).astype(np.int32)
     seg = np.concatenate([np.full(len(p), i + 1, np.int32) for i, p in enumerate(parts)])
@@ -30,8 +41,9 @@ def tokenize(docs: list[str], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
 class PackedWindows:
     """Random access to fixed-length windows of the token stream (a grain data source)."""
 
-    def __init__(self, ids: np.ndarray, seg: np.ndarray, seq_len: int, include_partial: bool):
-        self.ids, self.seg, self.seq_len = ids, seg, seq_len
+    def __init__(self, ids: np.ndarray, seg: np.ndarray, seq_len: int, include_partial: bool,
+                 pause_id: int | None = None):  # fmt: skip
+        self.ids, self.seg, self.seq_len, self.pause_id = ids, seg, seq_len, pause_id
         full = max(0, (len(ids) - 1) // seq_len)
         partial = include_partial and (len(ids) - 1) % seq_len > 0
         self.n = full + int(partial)
@@ -47,7 +59,10 @@ class PackedWindows:
         if len(chunk) < t + 1:  # last, partial window (eval only): pad with segment 0
             pad = t + 1 - len(chunk)
             chunk, seg = np.pad(chunk, (0, pad)), np.pad(seg, (0, pad))
-        return make_example(chunk, seg)
+        ex = make_example(chunk, seg)
+        if self.pause_id is not None:  # a pause is never a scored target
+            ex["loss_mask"] = ex["loss_mask"] * (ex["targets"] != self.pause_id)
+        return ex
 
 
 def make_example(chunk: np.ndarray, seg: np.ndarray) -> dict[str, np.ndarray]:

@@ -130,11 +130,16 @@ class TextSource(DataSource):
 
     def windows(self, tok):
         from llm.data import pipeline  # noqa: PLC0415
+        from llm.data.pause import pause_id  # noqa: PLC0415
 
         train_docs, eval_docs = self.documents()
-        t = self.cfg.seq_len
-        train_w = pipeline.PackedWindows(*pipeline.tokenize(train_docs, tok), t, include_partial=False)
-        eval_w = pipeline.PackedWindows(*pipeline.tokenize(eval_docs, tok), t, include_partial=True)
+        t, pid, rate = self.cfg.seq_len, pause_id(tok, self.cfg), self.cfg.pause.rate
+        train_w = pipeline.PackedWindows(*pipeline.tokenize(train_docs, tok, rate, pid, self.cfg.seed), t,
+                                         include_partial=False, pause_id=pid)  # fmt: skip
+        # Held out without inserted pauses: the loss of the text itself (pauses are never scored).
+        eval_w = pipeline.PackedWindows(
+            *pipeline.tokenize(eval_docs, tok), t, include_partial=True, pause_id=pid
+        )
         if len(eval_w) == 0:
             raise ValueError("the held-out split is empty; raise data.eval_fraction or set data.eval_corpus")
         return train_w, eval_w
