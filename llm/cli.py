@@ -91,6 +91,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with every failure turned into one line on stderr and exit 2."""
     from absl import flags  # noqa: PLC0415
 
+    if any(a in ("--help", "-h", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
+        # absl's app.run handles these; entry points that parse flags themselves must too.
+        doc = (sys.modules["__main__"].__doc__ or "").strip()
+        print((doc + "\n\n" if doc else "") + flags.FLAGS.main_module_help())
+        sys.exit(0)
     try:
         return flags.FLAGS(argv)
     except SystemExit:

@@ -1,4 +1,4 @@
-"""Compare runs: `python -m llm.compare <workdir or sweep root>... [--out=DIR] [--sort=eval_loss]`.
+"""Compare runs: `python -m llm.compare <workdir or sweep root>... [--out=DIR] [--sort=final_eval_loss]`.
 
 Prints one row per run (final and best held-out loss and bits per byte, tokens/s, parameters,
 wall time, and the config values that differ between the runs) and writes <out>/comparison.png

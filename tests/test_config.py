@@ -258,3 +258,13 @@ def test_print_config_needs_no_workdir_but_training_does(repo_root):
     assert r.returncode == 0 and json.loads(r.stdout)["model"]["attention"]["kind"] == "local"
     r = _cli(repo_root, "--config=configs/tiny.py")
     assert r.returncode != 0 and "--workdir is required" in r.stderr
+
+
+def test_aot_check_has_help_and_a_missing_topology_is_one_line(repo_root):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "launch.aot_check", *a], cwd=repo_root, env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)  # fmt: skip
+    h = run("--help")
+    assert h.returncode == 0 and "--topology" in h.stdout and "Traceback" not in h.stderr
+    m = run("--config=configs/tiny.py")
+    assert m.returncode == 2 and m.stderr.strip().count("\n") == 0 and "topology" in m.stderr
