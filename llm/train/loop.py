@@ -306,6 +306,14 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
     exp = build(cfg, workdir)
     cfg = exp.cfg
     is_main = jax.process_index() == 0
+    task = exp.trainer.task
+    if hasattr(task, "prepare"):
+        # E.g. DPO's reference log-probabilities from the starting parameters (train.init_from),
+        # fresh run or resume alike; before the data iterator exists, which may read ahead.
+        ref, _ = init_params_from(cfg.train.init_from, exp.trainer, exp.trainer.init_state().params)
+        for examples in (exp.train_windows, exp.eval_windows):
+            task.prepare(examples, ref, exp.model, cfg.train.eval_batch_size or cfg.train.batch_size)
+        del ref
     abstract = exp.trainer.restore_target()
     ckpt = run_checkpointer(workdir, cfg, abstract.params, keep=cfg.checkpoint.keep,
                             async_save=cfg.checkpoint.async_save)  # fmt: skip
@@ -328,16 +336,6 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
     else:
         start, state, _ = restored
         log.info("resumed from checkpoint step %d", start)
-    task = exp.trainer.task
-    if hasattr(task, "prepare"):  # e.g. DPO's reference log-probabilities, from the starting parameters
-        ref = (
-            state.params
-            if restored is None
-            else init_params_from(cfg.train.init_from, exp.trainer, state.params)[0]
-        )
-        for examples in (exp.train_windows, exp.eval_windows):
-            task.prepare(examples, ref, exp.model, cfg.train.eval_batch_size or cfg.train.batch_size)
-        del ref
     if is_main:  # only now: a refused resume must not overwrite the record of the run it refused
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json())
