@@ -104,8 +104,9 @@ class DataConfig:
     preference_split: tuple[float, ...] = (0.8, 0.2)
 
     def __post_init__(self):
-        from llm.data.sources import DATA_SOURCES  # noqa: PLC0415 (import cycle)
+        from llm.data.sources import DATA_SOURCES, _load_all  # noqa: PLC0415 (import cycle)
 
+        _load_all()  # the kinds registered outside sources.py (classification, instructions, ...)
         DATA_SOURCES.get(self.kind, "data.kind")
         if self.pause.rate or self.pause.k:
             if not (0 <= self.pause.rate < 1 and self.pause.k >= 0):
@@ -203,6 +204,7 @@ class RunConfig:
             raise ConfigError(f"train.spike_window={t.spike_window}: use 0 (off) or a window of >= 2 steps")
         if t.spike_sigmas <= 0:
             raise ConfigError(f"train.spike_sigmas={t.spike_sigmas} must be > 0 (standard deviations)")
+        from llm.train import dpo  # noqa: F401, PLC0415 (registers `dpo`; import cycle)
         from llm.train.tasks import TASKS  # noqa: PLC0415 (import cycle)
 
         TASKS.get(t.task, "train.task")

@@ -182,7 +182,7 @@ README_FLAG_VALUES = {
     "checkpoint.every": 5, "checkpoint.keep": 2, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
     "mesh.dcn_data": 2, "mesh.rules.embed": "fsdp,tensor", "mesh.expert": 2,
     "model.attention.kind": "causal", "model.attention.pattern": ("causal", "causal"), "model.ffn.kind": "moe",
-    "train.init_from": "/tmp/some/run:200", "train.task": "lm", "data.kind": "text",
+    "train.init_from": "/tmp/some/run:200", "train.task": "dpo", "data.kind": "classification",
     "data.tokenizer.special_tokens": ("<pause>",), "optim.groups": ("^embed/: frozen", "attn: lr_mult=2 decay=false"),
     "model.ffn.moe.num_experts": 4, "model.ffn.moe.top_k": 1, "model.ffn.moe.every": 2,
     "model.ffn.moe.first_dense": 1, "model.ffn.moe.shared_experts": 1, "model.ffn.moe.expert_d_ff": 48,
@@ -268,3 +268,12 @@ def test_aot_check_has_help_and_a_missing_topology_is_one_line(repo_root):
     assert h.returncode == 0 and "--topology" in h.stdout and "Traceback" not in h.stderr
     m = run("--config=configs/tiny.py")
     assert m.returncode == 2 and m.stderr.strip().count("\n") == 0 and "topology" in m.stderr
+
+
+@pytest.mark.parametrize("config", ["finetune/sms_spam.py:lora", "finetune/instructions.py", "finetune/dpo.py",
+                                    "infini_passkey.py:local"])  # fmt: skip
+def test_task_configs_resolve_through_the_real_cli(repo_root, tmp_path, config):
+    """In a fresh process (no test module has imported the data sources or tasks yet)."""
+    r = _cli(repo_root, f"--config=configs/{config}", f"--workdir={tmp_path}/w", "--print_config")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["train"]["task"] in ("lm", "classify", "dpo")
