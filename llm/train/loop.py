@@ -256,6 +256,10 @@ def init_params_from(spec: str, trainer: Trainer, fresh=None):
     """Parameters of another run (`train.init_from`), restored straight into this run's shardings.
     A LoRA run (model.lora.rank > 0) takes its base from there and keeps `fresh`'s adapters."""
     src, step = parse_init_from(spec)
+    if step is None and os.path.isdir(os.path.join(src, "checkpoints")):  # name the step it starts from
+        probe = Checkpointer(os.path.join(src, "checkpoints"), async_save=False)
+        step = (probe.steps() or [None])[-1]
+        probe.close()
     own_target, _ = lora_lib.split(trainer.params_target())
     if own_target:  # LoRA adapters or a new task head: the base from `src`, the rest fresh
         adapters, base_target = lora_lib.split(trainer.params_target())
