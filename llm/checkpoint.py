@@ -392,19 +392,24 @@ def run_checkpointer(workdir: str, cfg, abstract_params, **kw) -> Checkpointer:
     return Checkpointer(os.path.join(workdir, "checkpoints"), base=base, **kw)
 
 
+def checked_step(ckpt: Checkpointer, step: int | None, what: str) -> int:
+    """`step`, or the newest when None, after checking the directory has it (FileNotFoundError
+    naming `what` and the steps there otherwise)."""
+    steps = ckpt.steps()
+    if not steps:
+        raise FileNotFoundError(f"{what}: no checkpoint in {ckpt.directory}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"{what}: no checkpoint for step {step}; available: {steps}")
+    return step
+
+
 def restore_base_params(src: str, step: int | None, base_target):
     """Parameters of run `src` (newest step if None) into `base_target` (no adapters). A LoRA
     source must be merged first (`python -m llm.convert --merge_lora`)."""
     ckpt = Checkpointer(os.path.join(src, "checkpoints"), async_save=False)
     try:
-        steps = ckpt.steps()
-        if not steps:
-            raise FileNotFoundError(f"train.init_from={src}: no checkpoint in {src}/checkpoints")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise FileNotFoundError(
-                f"train.init_from={src}: no checkpoint for step {step}; available: {steps}"
-            )
+        step = checked_step(ckpt, step, f"train.init_from={src}")
         saved_model = ckpt.read_config(step).get("model", {})
         if saved_model.get("lora", {}).get("rank"):
             raise ConfigError(f"train.init_from={src} is a LoRA run; merge its adapters first "

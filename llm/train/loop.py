@@ -24,6 +24,7 @@ from llm import flops, sharding
 from llm.checkpoint import (
     Checkpointer,
     CheckpointMismatch,
+    checked_step,
     parse_init_from,
     restore_base_params,
     run_checkpointer,
@@ -256,10 +257,11 @@ def init_params_from(spec: str, trainer: Trainer, fresh=None):
     """Parameters of another run (`train.init_from`), restored straight into this run's shardings.
     A LoRA run (model.lora.rank > 0) takes its base from there and keeps `fresh`'s adapters."""
     src, step = parse_init_from(spec)
-    if step is None and os.path.isdir(os.path.join(src, "checkpoints")):  # name the step it starts from
-        probe = Checkpointer(os.path.join(src, "checkpoints"), async_save=False)
-        step = (probe.steps() or [None])[-1]
-        probe.close()
+    ckpt = Checkpointer(os.path.join(src, "checkpoints"), async_save=False)
+    try:
+        step = checked_step(ckpt, step, f"train.init_from={spec}")
+    finally:
+        ckpt.close()
     own_target, _ = lora_lib.split(trainer.params_target())
     if own_target:  # LoRA adapters or a new task head: the base from `src`, the rest fresh
         adapters, base_target = lora_lib.split(trainer.params_target())
@@ -272,14 +274,6 @@ def init_params_from(spec: str, trainer: Trainer, fresh=None):
         return lora_lib.combine(base, lora_lib.split(fresh)[0] if fresh is not None else adapters), step
     ckpt = Checkpointer(os.path.join(src, "checkpoints"), async_save=False)
     try:
-        steps = ckpt.steps()
-        if not steps:
-            raise FileNotFoundError(f"train.init_from={spec}: no checkpoint in {src}/checkpoints")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise FileNotFoundError(
-                f"train.init_from={spec}: no checkpoint for step {step}; available: {steps}"
-            )
         try:
             params = ckpt.restore_params(step, trainer.params_target())
         except CheckpointMismatch as e:
