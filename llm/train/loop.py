@@ -156,7 +156,8 @@ def eval_line(row: dict, final: bool = False) -> str:
     if "eval_bpb" in row:
         ppl = f" | perplexity {row['eval_ppl']:.2f}" if final else ""
         return f"loss {row['eval_loss']:.4f}{ppl} | bits per byte {row['eval_bpb']:.4f}"
-    extra = " | ".join(f"{k[5:]} {row[k]:.4f}" for k in ("eval_accuracy", "eval_macro_f1") if k in row)
+    shown = ("eval_accuracy", "eval_macro_f1", "eval_preference_accuracy", "eval_reward_margin")
+    extra = " | ".join(f"{k[5:]} {row[k]:.4f}" for k in shown if k in row)
     return f"loss {row['eval_loss']:.4f}" + (f" | {extra}" if extra else "")
 
 
