@@ -418,6 +418,14 @@ def run_suite(
     seq_len = cfg.data.seq_len
     result: dict[str, Any] = {"workdir": workdir, "step": run.step, "eval_sets": {}}
     out = out or os.path.join(workdir, "eval")
+    if cfg.train.task == "dpo":  # held-out preference accuracy and reward margin vs the reference
+        os.makedirs(out, exist_ok=True)
+        result["preferences"] = preference_metrics(run, bs)
+        path = os.path.join(out, f"step_{run.step}.json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        result["json"] = path
+        return result
     if cfg.data.kind == "instructions":  # held-out loss on responses + generated answers
         os.makedirs(out, exist_ok=True)
         result["instructions"] = instruction_splits(run, bs, out, max_new_tokens=answer_tokens)
@@ -499,6 +507,24 @@ def instruction_splits(run, batch_size: int, out: str, max_new_tokens: int = 128
     return res
 
 
+def preference_metrics(run, batch_size: int) -> dict[str, Any]:
+    """A DPO run on its held-out pairs: DPO loss, preference accuracy, reward margin, with the
+    reference log-probabilities from the run's `train.init_from` (as in training)."""
+    import llm  # noqa: PLC0415
+    from llm.checkpoint import parse_init_from  # noqa: PLC0415
+    from llm.data import pipeline  # noqa: PLC0415
+    from llm.data.preferences import PreferenceSource  # noqa: PLC0415
+    from llm.train import tasks  # noqa: PLC0415
+
+    task = tasks.get("dpo", run.config)
+    src_dir, src_step = parse_init_from(run.config.train.init_from)
+    ref = llm.load(src_dir, src_step)
+    ex = PreferenceSource(run.config.data).examples(run.tokenizer, "validation")
+    task.prepare(ex, ref.params, ref.model, batch_size)
+    fn = jax.jit(lambda p, b: task.eval_sums(p, b, model=run.model, token_bytes=None))
+    return task.summary(fn(run.params, b) for b in pipeline.eval_batches(ex, batch_size))
+
+
 def classification_splits(run, batch_size: int, out: str) -> dict[str, Any]:
     """A classifier's metrics on its validation and test splits (llm/data/classification.py):
     accuracy, per-class precision / recall / F1, macro F1, confusion matrix (+ a PNG of it)."""
@@ -546,6 +572,12 @@ def confusion_plot(confusion, labels, path: str, title: str = ""):
 
 def format_result(result: dict[str, Any]) -> str:
     """The suite's numbers as the CLI prints them."""
+    if "preferences" in result:
+        m = result["preferences"]
+        return "\n".join([f"step {result['step']} of {result['workdir']}", "",
+                          f"held-out pairs: {m['pairs']} | DPO loss {m['loss']:.4f} | preference accuracy "
+                          f"{m['preference_accuracy']:.3f} | reward margin {m['reward_margin']:.4f} (chosen "
+                          f"{m['reward_chosen']:.4f}, rejected {m['reward_rejected']:.4f})", "", f"wrote {result['json']}"])  # fmt: skip
     if "instructions" in result:
         r = result["instructions"]
         lines = [f"step {result['step']} of {result['workdir']}", ""]

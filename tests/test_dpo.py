@@ -54,7 +54,8 @@ def sft(tmp_path_factory):
 def test_dpo_starts_at_log2_and_learns_the_preference(sft, tmp_path):
     wd = str(tmp_path / "dpo")
     cfg = tiny_cfg(**PREF, **{"train.init_from": sft, "train.steps": 30, "train.batch_size": 8, "train.eval_every": 15,
-                              "optim.lr": 3e-3, "train.dpo_beta": 0.5, "optim.warmup_steps": 1, "train.log_every": 1})  # fmt: skip
+                              "optim.lr": 3e-3, "train.dpo_beta": 0.5, "optim.warmup_steps": 1, "train.log_every": 1,
+                              "train.eval_batches": 0})  # fmt: skip
     train(cfg, wd)
     rows = read_metrics(wd)
     first = next(r for r in rows if "loss" in r)
@@ -62,6 +63,13 @@ def test_dpo_starts_at_log2_and_learns_the_preference(sft, tmp_path):
     evals = [r for r in rows if "eval_preference_accuracy" in r]
     assert len(evals) >= 2
     assert evals[-1]["eval_reward_margin"] > 0 and evals[-1]["eval_preference_accuracy"] >= 0.5
+    from llm.evaluate import format_result, run_suite  # the same held-out numbers from the checkpoint
+
+    suite = run_suite(wd, batch_size=8)
+    assert suite["preferences"]["reward_margin"] == pytest.approx(
+        evals[-1]["eval_reward_margin"], rel=1e-4, abs=1e-6
+    )
+    assert "preference accuracy" in format_result(suite)
 
 
 def test_dpo_needs_a_reference():
