@@ -15,7 +15,8 @@ the memory); `local`: the same model with sliding-window attention of 64 (the co
 keys beyond the window); `causal`: full attention over the window (the upper bound: is the task
 learnable at this budget?). Infini's gates train with 10x the learning rate and no weight decay
 (Hugging Face's reproduction found retrieval needs both).
-Reaches: see the README's Infini-attention section (measured grids for the three arms).
+Reaches (measured, README "Experiment: passkey retrieval"): infini 0 in all 15 cells; local 0.80-0.95
+where the key is inside its window, 0 beyond; causal 1.00 in 5 cells, 0.10-0.23 in 5 more.
 """
 
 from configs import base

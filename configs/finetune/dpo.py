@@ -8,7 +8,8 @@ The reference model is the starting checkpoint (`train.init_from`; its log-proba
 computed once before training). beta = `train.dpo_beta`. Logged: implicit rewards of chosen and
 rejected answers, their margin and the preference accuracy, in training (`model/dpo/*`) and on
 the held-out pairs (`eval_reward_margin`, `eval_preference_accuracy`).
-Arg `:base=<run dir>` starts from another run. Reaches: see the README's "Fine-tuning" section.
+Arg `:base=<run dir>` starts from another run. Reaches (measured): held-out reward margin 0.049 at
+step 10 -> 0.135 at step 60, preference accuracy 0.64 (14 of 22 pairs).
 """
 
 from configs import shakespeare

@@ -9,7 +9,8 @@ Alpaca prompt template (`data.instructions.template`), loss on the response toke
 (`data.instructions.prompt_loss=true` scores the prompt too), one record per row padded to 256
 tokens. The 3.7M-parameter Shakespeare model knows no English beyond plays: expect well-formed
 Alpaca-shaped answers, not correct ones. Arg `:base=<run dir>` starts from another run.
-Reaches: see the README's "Fine-tuning" section.
+Reaches (measured): response loss 3.24 nats/token on the 55 validation instructions, 3.23 on the
+110 test ones, after 300 steps (from 3.58 at step 100).
 """
 
 from configs import shakespeare

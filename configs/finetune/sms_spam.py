@@ -12,7 +12,8 @@ attention and MLP plus the new head; the rest frozen), `scratch` (the same model
 initialisation and the same budget: what pretraining is worth). The classifier reads the last real
 token's hidden state (`model.pool=last`) through a new linear head (`cls_head`); the pretrained
 LM's tokenizer comes along with `train.init_from`. `:<arm>,base=<run dir>` starts from another run.
-Reaches: see the README's "Fine-tuning" section (measured test accuracy per arm).
+Reaches (measured, 2-core CPU, README "Fine-tuning"): test accuracy 98.74% full, 98.20% lora (3.8% of
+the parameters trained), 98.92% scratch; 5-8 minutes each.
 """
 
 from configs import shakespeare
