@@ -206,7 +206,7 @@ def test_a_new_tokenizer_kind_is_one_registered_class(tmp_path):
     assert tok.encode("a") == [ord("a") + 1] and tok.decode(tok.encode("hé")) == "hé"
     tok.save(str(tmp_path))
     assert type(load_tokenizer(str(tmp_path))).__name__ == "Shifted"
-    with pytest.raises(Exception, match="valid choices: sentencepiece, byte, test_shifted_bytes"):
+    with pytest.raises(Exception, match="valid choices: sentencepiece, byte, hf, gpt2, test_shifted_bytes"):
         TokenizerConfig(kind="bpe")
 
 
