@@ -11,7 +11,7 @@ import jax
 from etils import epath
 
 from llm import sharding
-from llm.checkpoint import Checkpointer, run_checkpointer
+from llm.checkpoint import Checkpointer, checked_step, run_checkpointer
 from llm.config import RunConfig, from_json
 from llm.data.tokenizers import Tokenizer, load_tokenizer
 from llm.model import Transformer
@@ -49,12 +49,7 @@ def load(workdir: str, step: int | None = None, mesh=None) -> Loaded:
     if not epath.Path(workdir, "checkpoints").is_dir():  # (Orbax would create it: load only reads)
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first (or check the path)")
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    steps = ckpt.steps()
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} in {workdir}; available: {steps}")
+    step = checked_step(ckpt, step, f"{workdir}", hint="; train first")
     cfg = from_json(json.dumps(ckpt.read_config(step)))
     ckpt.close()
     if mesh is None:

@@ -392,12 +392,12 @@ def run_checkpointer(workdir: str, cfg, abstract_params, **kw) -> Checkpointer:
     return Checkpointer(os.path.join(workdir, "checkpoints"), base=base, **kw)
 
 
-def checked_step(ckpt: Checkpointer, step: int | None, what: str) -> int:
+def checked_step(ckpt: Checkpointer, step: int | None, what: str, hint: str = "") -> int:
     """`step`, or the newest when None, after checking the directory has it (FileNotFoundError
-    naming `what` and the steps there otherwise)."""
+    naming `what` and the steps there otherwise; `hint` follows the no-checkpoint message)."""
     steps = ckpt.steps()
     if not steps:
-        raise FileNotFoundError(f"{what}: no checkpoint in {ckpt.directory}")
+        raise FileNotFoundError(f"{what}: no checkpoint in {ckpt.directory}{hint}")
     step = steps[-1] if step is None else step
     if step not in steps:
         raise FileNotFoundError(f"{what}: no checkpoint for step {step}; available: {steps}")

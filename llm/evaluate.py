@@ -418,30 +418,19 @@ def run_suite(
     seq_len = cfg.data.seq_len
     result: dict[str, Any] = {"workdir": workdir, "step": run.step, "eval_sets": {}}
     out = out or os.path.join(workdir, "eval")
+    # Runs whose task is not plain language modelling are scored on their own held-out splits.
     if cfg.train.task == "dpo":  # held-out preference accuracy and reward margin vs the reference
         os.makedirs(out, exist_ok=True)
         result["preferences"] = preference_metrics(run, bs)
-        path = os.path.join(out, f"step_{run.step}.json")
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-        result["json"] = path
-        return result
+        return _write_json(result, out, run.step)
     if cfg.data.kind == "instructions":  # held-out loss on responses + generated answers
         os.makedirs(out, exist_ok=True)
         result["instructions"] = instruction_splits(run, bs, out, max_new_tokens=answer_tokens)
-        path = os.path.join(out, f"step_{run.step}.json")
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-        result["json"] = path
-        return result
+        return _write_json(result, out, run.step)
     if cfg.model.head == "classifier":  # a classifier has no LM logits: its task's splits instead
         os.makedirs(out, exist_ok=True)
         result["classification"] = classification_splits(run, bs, out)
-        path = os.path.join(out, f"step_{run.step}.json")
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-        result["json"] = path
-        return result
+        return _write_json(result, out, run.step)
     for spec in eval_sets:
         docs = eval_set_documents(spec, cfg)
         name = spec if spec == HELDOUT else os.path.basename(spec.removeprefix("builtin:"))
@@ -461,7 +450,12 @@ def run_suite(
         png = os.path.join(out, f"reliability_step_{run.step}.png")
         reliability_diagram(mc["bins"], png, f"{MC_TASK}, step {run.step}", mc["ece"])
         mc["reliability_png"] = png
-    path = os.path.join(out, f"step_{run.step}.json")
+    return _write_json(result, out, run.step)
+
+
+def _write_json(result: dict[str, Any], out: str, step: int) -> dict[str, Any]:
+    """Write the suite's result to <out>/step_<N>.json (NaN as null); the path joins the result."""
+    path = os.path.join(out, f"step_{step}.json")
     with open(path, "w") as f:
         json.dump(
             result, f, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v

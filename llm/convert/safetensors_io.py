@@ -70,24 +70,6 @@ def _header(path: str) -> tuple[dict, int]:
         return json.loads(f.read(n)), 8 + n
 
 
-def write_file(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
-    """One safetensors file (tensors written one by one in name order)."""
-    header: dict = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        header[name] = {"dtype": NAMES[t.dtype.newbyteorder("<") if t.dtype.byteorder == ">" else t.dtype],
-                        "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}  # fmt: skip
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in sorted(tensors):
-            f.write(np.ascontiguousarray(tensors[name]).tobytes())
-
-
 class ShardedWriter:
     """Writes tensors as they come into shards of at most `shard_bytes` (plus the index when > 1).
 

@@ -263,9 +263,8 @@ def init_params_from(spec: str, trainer: Trainer, fresh=None):
         step = checked_step(ckpt, step, f"train.init_from={spec}")
     finally:
         ckpt.close()
-    own_target, _ = lora_lib.split(trainer.params_target())
-    if own_target:  # LoRA adapters or a new task head: the base from `src`, the rest fresh
-        adapters, base_target = lora_lib.split(trainer.params_target())
+    adapters, base_target = lora_lib.split(trainer.params_target())
+    if adapters:  # LoRA adapters or a new task head: the base from `src`, the rest fresh
         try:
             base = restore_base_params(src, step, base_target)
         except CheckpointMismatch as e:
