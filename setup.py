@@ -16,6 +16,9 @@ INSTALL = [
     "tqdm>=4.66",
     "tokenizers>=0.20",  # GPT-2 BPE and Hugging Face tokenizer.json (llm/data/tokenizers.py)
     "safetensors>=0.4",  # Hugging Face weights (llm/convert)
+    "array-record>=0.8",  # prepared datasets (llm/data/prepared.py); grain reads them
+    "zstandard>=0.22",  # .jsonl.zst corpora
+    "pyarrow>=15",  # .parquet corpora
 ]
 
 # Exact versions CI and the README's quick start install (see requirements.txt).

@@ -87,8 +87,13 @@ class PauseConfig:
 class DataConfig:
     """Text corpus -> tokens -> packed windows of seq_len (+1 for the shifted targets)."""
 
-    kind: str = "text"  # registry DATA_SOURCES (llm/data/sources.py)
+    kind: str = "text"  # registry DATA_SOURCES (llm/data/sources.py): text | arrayrecord | ...
     corpus: str = "builtin:tinyshakespeare.txt"  # comma-separated paths/globs (.txt, .jsonl)
+    # data.kind=arrayrecord (llm/data/prepared.py): a `python -m llm.data.prepare` output directory,
+    # or a weighted mixture of several: ("web=/data/web@0.8", "code=gs://b/code@0.2").
+    path: str | None = None
+    mixture: tuple[str, ...] = ()
+    eval_path: str | None = None  # a prepared held-out set; None = the last eval_fraction of the data
     eval_corpus: str | None = None  # None = hold out eval_fraction of the corpus
     eval_fraction: float = 0.1
     text_field: str = "text"  # JSONL field holding the document text
@@ -119,6 +124,22 @@ class DataConfig:
                 )
         if self.seq_len <= 0:
             raise ConfigError("data.seq_len must be > 0")
+        if self.kind == "arrayrecord":
+            from llm.data.prepared import parse_mixture  # noqa: PLC0415
+
+            parse_mixture(self.mixture)
+            if bool(self.path) == bool(self.mixture):
+                raise ConfigError("data.kind=arrayrecord needs exactly one of --config.data.path=<prepared dir> "
+                                  "or --config.data.mixture=\"('name=<dir>@<weight>', ...)\"")  # fmt: skip
+            if self.mixture and self.eval_path:
+                raise ConfigError("data.eval_path is for one dataset; a mixture holds out the last "
+                                  "data.eval_fraction of each dataset")  # fmt: skip
+            if self.pause.rate:
+                raise ConfigError("data.pause.rate inserts pauses while tokenizing; prepared data is already "
+                                  "tokenized: use data.kind=text for pause-token runs")  # fmt: skip
+        elif self.path or self.mixture or self.eval_path:
+            raise ConfigError(f"data.path / data.mixture / data.eval_path are read by data.kind=arrayrecord, "
+                              f"not data.kind={self.kind}; for text use data.corpus / data.eval_corpus")  # fmt: skip
         if not 0.0 < self.eval_fraction < 1.0 and self.eval_corpus is None:
             raise ConfigError("data.eval_fraction must be in (0, 1) (or set data.eval_corpus)")
 

@@ -8,6 +8,7 @@ so attention never crosses a document boundary, and `positions` restart at each 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import grain
@@ -83,9 +84,32 @@ def stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
+MIXTURE_FIELD = "mixture"  # [global batch] dataset index of each row (a mixture only; not a model input)
+
+
+def _window_order(windows, global_batch: int, seed: int, shift_windows: bool) -> grain.MapDataset:
+    """Infinite [window index, offset] pairs: a seeded shuffle per epoch (see train_dataset)."""
+    shift_windows = shift_windows and getattr(windows, "shiftable", True)  # examples are not a stream
+    n = len(windows) - int(shift_windows)
+    if n < global_batch:
+        raise ValueError(
+            f"the training split has {len(windows)} windows of data.seq_len={windows.seq_len} "
+            f"tokens, fewer than one batch (train.batch_size={global_batch}); use a larger "
+            f"corpus, a smaller batch or a shorter seq_len"
+        )
+    t = windows.seq_len
+
+    def with_offset(g: int, i: int) -> np.ndarray:
+        epoch = g // n
+        off = int(np.random.default_rng([seed, epoch]).integers(t)) if shift_windows else 0
+        return np.asarray([i, off], np.int64)
+
+    return grain.MapDataset.range(n).shuffle(seed=seed).repeat(None).map_with_index(with_offset)
+
+
 def train_dataset(
-    windows: PackedWindows, global_batch: int, seed: int, process_index: int = 0,
-    process_count: int = 1, shift_windows: bool = False,
+    windows, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1,
+    shift_windows: bool = False,
 ) -> grain.MapDataset:  # fmt: skip
     """Infinite, seeded, reshuffled each epoch; yields this process's rows of each global batch.
 
@@ -96,30 +120,34 @@ def train_dataset(
     corpus seen for many epochs then never repeats a window exactly (the model cannot memorise
     fixed cut points), while each epoch still covers the stream once. One window is dropped to
     leave room for the offset.
+
+    A `prepared.Mixture` interleaves its datasets' orders (each shuffled and repeated on its own)
+    by weight with grain's deterministic `MapDataset.mix`: row g of the stream is a fixed function
+    of g and the weights, so a resume continues exactly; other weights give another stream (each
+    dataset's position in its own order is not carried over). Each batch then also carries
+    `MIXTURE_FIELD`, the dataset of every row of the global batch, for the realised proportions.
     """
-    shift_windows = shift_windows and getattr(windows, "shiftable", True)  # examples are not a stream
-    n = len(windows) - int(shift_windows)
-    if n < global_batch:
-        raise ValueError(
-            f"the training split has {len(windows)} windows of data.seq_len={windows.seq_len} "
-            f"tokens, fewer than one batch (train.batch_size={global_batch}); use a larger "
-            f"corpus, a smaller batch or a shorter seq_len"
-        )
+    from llm.data.prepared import Mixture  # noqa: PLC0415
+
+    mixed = isinstance(windows, Mixture)
+    parts = windows.components if mixed else [windows]
+    orders = []
+    for c, w in enumerate(parts):
+        if mixed and len(w) - int(shift_windows) < 1:
+            raise ValueError(f"data.mixture: {windows.names[c]} has no training window of data.seq_len tokens")
+        order = _window_order(w, 1 if mixed else global_batch, seed + 1_000_003 * c, shift_windows)
+        orders.append(order.map(functools.partial(lambda c, row: np.concatenate([[c], row]), c)))
+    order = grain.MapDataset.mix(orders, windows.weights) if mixed else orders[0]
     local = global_batch // process_count
     lo = process_index * local
-    t = windows.seq_len
 
-    def with_offset(g: int, i: int) -> np.ndarray:
-        epoch = g // n
-        off = int(np.random.default_rng([seed, epoch]).integers(t)) if shift_windows else 0
-        return np.asarray([i, off], np.int64)
+    def read(rows: np.ndarray) -> dict[str, np.ndarray]:  # [B, 3]: dataset, window index, offset
+        batch = stack([parts[int(c)].__getitem__(int(i), int(o)) for c, i, o in rows[lo : lo + local]])
+        if mixed:
+            batch[MIXTURE_FIELD] = rows[:, 0].astype(np.int32)
+        return batch
 
-    order = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None).map_with_index(with_offset)
-    return (
-        order.batch(global_batch, drop_remainder=True)  # [B, 2]: window index, offset
-        .map(lambda rows: rows[lo : lo + local])
-        .map(lambda rows: stack([windows.__getitem__(int(i), int(o)) for i, o in rows]))
-    )
+    return order.batch(global_batch, drop_remainder=True).map(read)
 
 
 def train_iterator(ds: grain.MapDataset, threads: int):

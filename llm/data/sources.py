@@ -53,17 +53,53 @@ def read_txt(path: str, text_field: str) -> Iterator[str]:
 def read_jsonl(path: str, text_field: str) -> Iterator[str]:
     """One JSON object per line; the document is its `text_field`."""
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                rec = json.loads(line)
-                if text_field not in rec:
-                    raise ConfigError(f"{path}:{n} has no field {text_field!r}; set data.text_field")
-                yield str(rec[text_field])
+        yield from _jsonl_lines(f, path, text_field)
+
+
+def _jsonl_lines(lines, path: str, text_field: str) -> Iterator[str]:
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            rec = json.loads(line)
+            if text_field not in rec:
+                raise ConfigError(f"{path}:{n} has no field {text_field!r}; set data.text_field")
+            yield str(rec[text_field])
+
+
+@READERS.register(".jsonl.gz")
+def read_jsonl_gz(path: str, text_field: str) -> Iterator[str]:
+    import gzip  # noqa: PLC0415
+
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        yield from _jsonl_lines(f, path, text_field)
+
+
+@READERS.register(".jsonl.zst")
+def read_jsonl_zst(path: str, text_field: str) -> Iterator[str]:
+    import io  # noqa: PLC0415
+
+    import zstandard  # noqa: PLC0415
+
+    with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as z:
+        yield from _jsonl_lines(io.TextIOWrapper(z, encoding="utf-8"), path, text_field)
+
+
+@READERS.register(".parquet")
+def read_parquet(path: str, text_field: str) -> Iterator[str]:
+    """Column `text_field`, read a row group batch at a time (never the whole file)."""
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    f = pq.ParquetFile(path)
+    if text_field not in f.schema_arrow.names:
+        raise ConfigError(f"{path} has no column {text_field!r} (it has {f.schema_arrow.names}); set the text field")
+    for batch in f.iter_batches(columns=[text_field], batch_size=1024):
+        yield from (str(t) for t in batch.column(0).to_pylist() if t is not None)
 
 
 def reader_for(path: str):
-    ext = os.path.splitext(path)[1]
-    return READERS.get(ext) if ext in READERS else READERS.get(".txt")
+    """The reader of the longest registered extension `path` ends with; `.txt` for any other."""
+    name = os.path.basename(path)
+    ext = max((e for e in READERS.names() if name.endswith(e)), key=len, default=".txt")
+    return READERS.get(ext)
 
 
 def read_documents(spec: str, text_field: str = "text") -> list[str]:
@@ -147,7 +183,7 @@ class TextSource(DataSource):
 
 def _load_all() -> None:
     """Import the modules that register further data sources."""
-    from llm.data import classification, instructions, preferences  # noqa: F401, PLC0415  (register kinds)
+    from llm.data import classification, instructions, prepared, preferences  # noqa: F401, PLC0415  (register kinds)
 
 
 def source_for(cfg) -> DataSource:

@@ -389,3 +389,18 @@ def build_tokenizer(cfg: TokenizerConfig, directory: str, texts: Iterable[str]) 
                               f"data.tokenizer.special_tokens asks for; use a new --workdir")  # fmt: skip
         return tok
     return TOKENIZERS.get(cfg.kind, "data.tokenizer.kind").build(cfg, texts)
+
+
+def fingerprint(tok: Tokenizer) -> str:
+    """A short hash of what `save` writes (model file and vocabulary/special-token metadata): two
+    tokenizers with the same fingerprint map text to the same ids."""
+    import hashlib  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    h = hashlib.sha256()
+    with tempfile.TemporaryDirectory() as d:
+        tok.save(d)
+        for name in sorted(os.listdir(d)):
+            with open(os.path.join(d, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read() + b"\0")
+    return f"{tok.kind}:{h.hexdigest()[:16]}"

@@ -31,6 +31,7 @@ from llm.checkpoint import (
 )
 from llm.config import ConfigError, RunConfig, from_dict
 from llm.data import pipeline, sources
+from llm.data.prepared import Mixture
 from llm.data.tokenizers import META_FILE as TOKENIZER_META
 from llm.data.tokenizers import Tokenizer, build_tokenizer
 from llm.model import ModelConfig
@@ -73,6 +74,8 @@ class Experiment:
     train_windows: pipeline.PackedWindows
     eval_windows: pipeline.PackedWindows
     trainer: Trainer
+    # name -> held-out windows evaluated on their own as well (a data.mixture's datasets)
+    eval_sets: dict = dataclasses.field(default_factory=dict)
 
     mesh = property(lambda self: self.trainer.mesh)
     rules = property(lambda self: self.trainer.rules)
@@ -102,22 +105,32 @@ def build(cfg: RunConfig, workdir: str, devices=None) -> Experiment:
         raise ConfigError(f"train.batch_size must divide over {jax.process_count()} processes")
 
     source = sources.source_for(cfg.data)
-    train_docs, _ = source.documents()
+
+    def corpus_texts():  # read the corpus only when a tokenizer is trained on it
+        yield from source.documents()[0]
+
     if jax.process_index() == 0:
         if cfg.train.init_from:
             copy_tokenizer(parse_init_from(cfg.train.init_from)[0], workdir)
-        build_tokenizer(cfg.data.tokenizer, workdir, train_docs).save(workdir)
+        elif hasattr(source, "copy_tokenizer") and not os.path.exists(os.path.join(workdir, TOKENIZER_META)):
+            source.copy_tokenizer(workdir)  # prepared data comes with the tokenizer of its ids
+        build_tokenizer(cfg.data.tokenizer, workdir, corpus_texts()).save(workdir)
     if jax.process_count() > 1:
         # Other processes read the tokenizer only after process 0 has written it (reading during the
         # write could see half a file); without a shared workdir they train the same one themselves.
         multihost_utils.sync_global_devices("llm.build: tokenizer saved")
-    tok = build_tokenizer(cfg.data.tokenizer, workdir, train_docs)
+    if jax.process_index() != 0 and hasattr(source, "copy_tokenizer") and not cfg.train.init_from:
+        if not os.path.exists(os.path.join(workdir, TOKENIZER_META)):
+            source.copy_tokenizer(workdir)
+    tok = build_tokenizer(cfg.data.tokenizer, workdir, corpus_texts())
+    if hasattr(source, "check_tokenizer"):
+        source.check_tokenizer(tok, workdir)
     model_cfg = resolve_vocab(cfg.model, tok)
     cfg = dataclasses.replace(cfg, model=model_cfg)
 
     train_w, eval_w = source.windows(tok)
     return Experiment(cfg=cfg, workdir=workdir, tokenizer=tok, train_windows=train_w, eval_windows=eval_w,
-                      trainer=build_trainer(cfg, mesh))  # fmt: skip
+                      trainer=build_trainer(cfg, mesh), eval_sets=getattr(source, "eval_sets", {}))  # fmt: skip
 
 
 def to_global(exp: Experiment, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -137,17 +150,24 @@ def compile_steps(exp: Experiment):
 
 
 def evaluate(exp: Experiment, eval_fn, params) -> dict[str, float]:
-    """Held-out loss, perplexity and bits per byte over the eval split (or its first N batches)."""
+    """Held-out loss, perplexity and bits per byte over the eval split (or its first N batches);
+    with named eval sets (a data.mixture) also `eval_<name>_loss` / `_ppl` / `_bpb` per set."""
     t = exp.cfg.train
-    batches = pipeline.eval_batches(exp.eval_windows, t.eval_batch_size or t.batch_size, jax.process_index(),
-                                    jax.process_count(), t.eval_batches)  # fmt: skip
-    outputs = (eval_fn(params, to_global(exp, local)) for local in batches)
+
+    def run(windows):
+        batches = pipeline.eval_batches(windows, t.eval_batch_size or t.batch_size, jax.process_index(),
+                                        jax.process_count(), t.eval_batches)  # fmt: skip
+        return (eval_fn(params, to_global(exp, local)) for local in batches)
+
     if exp.trainer.task.name != "lm":  # the task's own metrics (classification: accuracy, F1, ...)
-        s = exp.trainer.task.summary(outputs)
+        s = exp.trainer.task.summary(run(exp.eval_windows))
         return {f"eval_{k}": v for k, v in s.items() if not isinstance(v, list)}
-    s = eval_summary(outputs)
-    return {"eval_loss": s["loss"], "eval_ppl": s["perplexity"], "eval_bpb": s["bits_per_byte"],
-            "eval_tokens": s["tokens"]}  # fmt: skip
+    out = {}
+    for prefix, windows in [("eval", exp.eval_windows), *((f"eval_{n}", w) for n, w in exp.eval_sets.items())]:
+        s = eval_summary(run(windows))
+        out.update({f"{prefix}_loss": s["loss"], f"{prefix}_ppl": s["perplexity"],
+                    f"{prefix}_bpb": s["bits_per_byte"], f"{prefix}_tokens": s["tokens"]})  # fmt: skip
+    return out
 
 
 def eval_line(row: dict, final: bool = False) -> str:
@@ -354,6 +374,8 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
 
         bar = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True)
     pending: list[dict] = []
+    mixture = exp.train_windows if isinstance(exp.train_windows, Mixture) else None
+    mix_counts = np.zeros(len(mixture.names), np.int64) if mixture else None
     t_window, steps_window = time.perf_counter(), 0
     last_saved, step, exit_code, result = start, start, 0, {}
     # Trace from the step after the one that compiles, so the profile shows steady-state steps.
@@ -362,7 +384,10 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
         end = min(cfg.train.steps, stop_at or cfg.train.steps)
         while step < end:
             profiler.before_step(step, state)
-            batch = to_global(exp, next(data_it))
+            local = next(data_it)
+            if mix_counts is not None:  # the datasets of this global batch's rows (not a model input)
+                mix_counts += np.bincount(local.pop(pipeline.MIXTURE_FIELD), minlength=len(mix_counts))
+            batch = to_global(exp, local)
             state, metrics = train_fn(state, batch)
             step += 1
             profiler.after_step(step, state)
@@ -380,6 +405,8 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
                 row["tokens_per_sec"] = tokens_per_step * steps_window / dt
                 row.update(throughput.metrics(row["tokens_per_sec"]))  # tflops_per_device, mfu
                 row["skipped_total"] = int(jax.device_get(state.skipped))
+                if mixture:  # realised share of each dataset in the rows trained on since this launch
+                    row.update({f"mix_{n}": float(c / mix_counts.sum()) for n, c in zip(mixture.names, mix_counts)})
                 if state.monitor:
                     row["loss_spike"] = float(sum(m["loss_spike"] for m in host))
                     row["spikes_total"] = int(jax.device_get(state.monitor["spikes"]))
