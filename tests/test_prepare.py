@@ -132,7 +132,9 @@ def test_workers_rerun_and_options(planted, tmp_path, capsys):
     m3 = prepare.prepare(inputs, one, "byte", prepare.PrepareOptions(shards=3, record_tokens=1000,
                                                                        clean=DIALOGUE, near_dedup=False), progress=False)  # fmt: skip
     assert "near_duplicate" not in m3["dropped"] and m3["documents"] == m1["documents"] + N_NEAR
-    assert sorted(f for f in os.listdir(one) if f.endswith(".arrayrecord")) == [s["file"] for s in m3["shards"]]
+    assert sorted(f for f in os.listdir(one) if f.endswith(".arrayrecord")) == [
+        s["file"] for s in m3["shards"]
+    ]
 
 
 def test_cleaning_filters():

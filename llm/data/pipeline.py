@@ -134,7 +134,9 @@ def train_dataset(
     orders = []
     for c, w in enumerate(parts):
         if mixed and len(w) - int(shift_windows) < 1:
-            raise ValueError(f"data.mixture: {windows.names[c]} has no training window of data.seq_len tokens")
+            raise ValueError(
+                f"data.mixture: {windows.names[c]} has no training window of data.seq_len tokens"
+            )
         order = _window_order(w, 1 if mixed else global_batch, seed + 1_000_003 * c, shift_windows)
         orders.append(order.map(functools.partial(lambda c, row: np.concatenate([[c], row]), c)))
     order = grain.MapDataset.mix(orders, windows.weights) if mixed else orders[0]

@@ -163,7 +163,9 @@ class ShardWriter:
         self.c, self.dtype, self.eos_id = record_tokens, dtype, eos_id
         self.buf: list[np.ndarray] = []
         self.buffered = self.records = self.total = 0
-        self.stats = [{"file": os.path.basename(p), "records": 0, "tokens": 0, "documents": 0} for p in self.paths]
+        self.stats = [
+            {"file": os.path.basename(p), "records": 0, "tokens": 0, "documents": 0} for p in self.paths
+        ]
 
     def add(self, ids: np.ndarray) -> None:
         self.buf.append(ids)
@@ -373,9 +375,13 @@ def _define_flags() -> None:
     from absl import flags  # noqa: PLC0415
 
     d, c = PrepareOptions(), clean.CleanOptions()
-    flags.DEFINE_string("input", None, "comma-separated files/globs: .txt .jsonl .jsonl.gz .jsonl.zst .parquet")
+    flags.DEFINE_string(
+        "input", None, "comma-separated files/globs: .txt .jsonl .jsonl.gz .jsonl.zst .parquet"
+    )
     flags.DEFINE_string("output", None, "the prepared dataset's directory (local)")
-    flags.DEFINE_string("tokenizer", None, "a run directory, a SentencePiece .model, a tokenizer.json, byte or gpt2")
+    flags.DEFINE_string(
+        "tokenizer", None, "a run directory, a SentencePiece .model, a tokenizer.json, byte or gpt2"
+    )
     flags.DEFINE_integer("shards", d.shards, "ArrayRecord files to write")
     flags.DEFINE_integer("record_tokens", d.record_tokens, "ids per record")
     flags.DEFINE_string("text_field", d.text_field, "the text field of .jsonl / .parquet records")
@@ -383,14 +389,21 @@ def _define_flags() -> None:
     flags.DEFINE_integer("workers", os.cpu_count() or 1, "tokenizing worker processes (1: in this process)")
     flags.DEFINE_integer("min_chars", c.min_chars, "drop shorter documents")
     flags.DEFINE_integer("max_chars", c.max_chars, "drop longer documents (0: no limit)")
-    flags.DEFINE_float("max_dup_line_fraction", c.max_dup_line_fraction, "drop documents repeating more lines (1: off)")
+    flags.DEFINE_float(
+        "max_dup_line_fraction", c.max_dup_line_fraction, "drop documents repeating more lines (1: off)"
+    )
     flags.DEFINE_float("max_top_bigram_fraction", c.max_top_bigram_fraction,
                        "drop documents whose top word bigram covers more of the text (1: off)")  # fmt: skip
-    flags.DEFINE_integer("repetition_min_words", c.repetition_min_words,
-                         "apply the two repetition filters to documents of at least this many words")
+    flags.DEFINE_integer(
+        "repetition_min_words",
+        c.repetition_min_words,
+        "apply the two repetition filters to documents of at least this many words",
+    )
     flags.DEFINE_boolean("exact_dedup", d.exact_dedup, "drop exact duplicates (whitespace-insensitive)")
     flags.DEFINE_boolean("near_dedup", d.near_dedup, "drop near-duplicates (MinHash LSH)")
-    flags.DEFINE_float("near_threshold", d.near_threshold, "near-duplicate: estimated Jaccard similarity >= this")
+    flags.DEFINE_float(
+        "near_threshold", d.near_threshold, "near-duplicate: estimated Jaccard similarity >= this"
+    )
     flags.DEFINE_integer("num_perm", d.num_perm, "MinHash permutations")
     flags.DEFINE_integer("shingle", d.shingle, "words per shingle")
     flags.DEFINE_boolean("progress", True, "show a progress bar")

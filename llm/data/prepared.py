@@ -72,7 +72,9 @@ class TokenStream:
         files = [str(epath.Path(path) / s["file"]) for s in shards]
         missing = [f for f in files if not epath.Path(f).exists()]
         if missing:
-            raise FileNotFoundError(f"{path}: shard {missing[0]} listed in {MANIFEST} is missing; prepare again")
+            raise FileNotFoundError(
+                f"{path}: shard {missing[0]} listed in {MANIFEST} is missing; prepare again"
+            )
         # One data source over all shards: index = offset of the shard + position in it.
         self.offsets = np.concatenate([[0], np.cumsum([s["records"] for s in shards])])
         self.source = grain.sources.ArrayRecordDataSource(files)
@@ -234,7 +236,9 @@ class ArrayRecordSource(DataSource):
         hashes = {d.manifest["tokenizer"]["hash"] for d in self.datasets}
         if len(hashes) > 1:
             a = self.datasets[0]
-            b = next(d for d in self.datasets if d.manifest["tokenizer"]["hash"] != a.manifest["tokenizer"]["hash"])
+            b = next(
+                d for d in self.datasets if d.manifest["tokenizer"]["hash"] != a.manifest["tokenizer"]["hash"]
+            )
             raise ConfigError(f"data.mixture: {a.path} and {b.path} were prepared with different tokenizers "
                               f"({a.manifest['tokenizer']['hash']} vs {b.manifest['tokenizer']['hash']}); "
                               f"prepare them with the same --tokenizer")  # fmt: skip
@@ -267,7 +271,9 @@ class ArrayRecordSource(DataSource):
     def windows(self, tok):
         c = self.cfg
         own_eval = c.eval_path is not None
-        splits = [d.split(c.seq_len, tok.eos_id, None if own_eval else c.eval_fraction) for d in self.datasets]
+        splits = [
+            d.split(c.seq_len, tok.eos_id, None if own_eval else c.eval_fraction) for d in self.datasets
+        ]
         if own_eval:
             ev = PreparedDataset(c.eval_path)
             if ev.manifest["tokenizer"]["hash"] != self.datasets[0].manifest["tokenizer"]["hash"]:
@@ -281,4 +287,3 @@ class ArrayRecordSource(DataSource):
         train = Mixture([comp.name for comp in self.components], [tr for tr, _ in splits],
                         [comp.weight for comp in self.components])  # fmt: skip
         return train, ConcatWindows([ev for _, ev in splits])
-

@@ -90,7 +90,9 @@ def read_parquet(path: str, text_field: str) -> Iterator[str]:
 
     f = pq.ParquetFile(path)
     if text_field not in f.schema_arrow.names:
-        raise ConfigError(f"{path} has no column {text_field!r} (it has {f.schema_arrow.names}); set the text field")
+        raise ConfigError(
+            f"{path} has no column {text_field!r} (it has {f.schema_arrow.names}); set the text field"
+        )
     for batch in f.iter_batches(columns=[text_field], batch_size=1024):
         yield from (str(t) for t in batch.column(0).to_pylist() if t is not None)
 
@@ -183,7 +185,7 @@ class TextSource(DataSource):
 
 def _load_all() -> None:
     """Import the modules that register further data sources."""
-    from llm.data import classification, instructions, prepared, preferences  # noqa: F401, PLC0415  (register kinds)
+    from llm.data import classification, instructions, preferences, prepared  # noqa: F401, PLC0415  (register kinds)
 
 
 def source_for(cfg) -> DataSource:

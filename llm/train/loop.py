@@ -163,7 +163,10 @@ def evaluate(exp: Experiment, eval_fn, params) -> dict[str, float]:
         s = exp.trainer.task.summary(run(exp.eval_windows))
         return {f"eval_{k}": v for k, v in s.items() if not isinstance(v, list)}
     out = {}
-    for prefix, windows in [("eval", exp.eval_windows), *((f"eval_{n}", w) for n, w in exp.eval_sets.items())]:
+    for prefix, windows in [
+        ("eval", exp.eval_windows),
+        *((f"eval_{n}", w) for n, w in exp.eval_sets.items()),
+    ]:
         s = eval_summary(run(windows))
         out.update({f"{prefix}_loss": s["loss"], f"{prefix}_ppl": s["perplexity"],
                     f"{prefix}_bpb": s["bits_per_byte"], f"{prefix}_tokens": s["tokens"]})  # fmt: skip
@@ -406,7 +409,9 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
                 row.update(throughput.metrics(row["tokens_per_sec"]))  # tflops_per_device, mfu
                 row["skipped_total"] = int(jax.device_get(state.skipped))
                 if mixture:  # realised share of each dataset in the rows trained on since this launch
-                    row.update({f"mix_{n}": float(c / mix_counts.sum()) for n, c in zip(mixture.names, mix_counts)})
+                    row.update(
+                        {f"mix_{n}": float(c / mix_counts.sum()) for n, c in zip(mixture.names, mix_counts)}
+                    )
                 if state.monitor:
                     row["loss_spike"] = float(sum(m["loss_spike"] for m in host))
                     row["spikes_total"] = int(jax.device_get(state.monitor["spikes"]))
