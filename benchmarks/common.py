@@ -31,6 +31,24 @@ def write_results(stem: str, data, md: str | None = None) -> None:
         print("\n" + md)
 
 
+def host() -> dict:
+    """The CPU every number was measured on: model name, cores this process may use, vector ISA."""
+    name, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name == "unknown":
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
+    isa += " + AVX512-BF16" if "avx512_bf16" in flags else ""
+    isa += " + AMX" if "amx_bf16" in flags else ""
+    return {"cpu": name, "cores": len(os.sched_getaffinity(0)), "isa": isa}
+
+
 @dataclasses.dataclass(frozen=True)
 class Shape:
     """A GPT-2 style model and batch: learned positions, pre-LayerNorm, GELU MLP, tied embeddings."""

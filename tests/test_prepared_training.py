@@ -55,6 +55,8 @@ def test_same_losses_as_text_path(verdict, tmp_path):
     ar_eval = [m["eval_loss"] for m in read_metrics(wd) if "eval_loss" in m]
     np.testing.assert_allclose(ar_eval, text_eval, rtol=1e-6)
     assert result["eval_loss"] == pytest.approx(text_eval[-1], rel=1e-6)
+    # llm.evaluate's `heldout` set: the held-out documents decoded from the shards.
+    assert sources.source_for(arrayrecord_cfg(d).data).documents()[1] == [(d / "eval.txt").read_text()]
     # The run holds the data's tokenizer; resuming checks it against the manifest.
     with open(os.path.join(wd, "tokenizer.json")) as f:
         assert json.load(f)["kind"] == "sentencepiece"
