@@ -151,7 +151,9 @@ def main() -> None:
             f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
         result["prepare"] = []
         for workers in (1, 2):
-            m = prepare.prepare(corpus, os.path.join(tmp, f"prep{workers}"), "gpt2", workers=workers, progress=False)
+            m = prepare.prepare(
+                corpus, os.path.join(tmp, f"prep{workers}"), "gpt2", workers=workers, progress=False
+            )
             result["prepare"].append({k: m[k] for k in ("workers", "seconds", "mb_per_s", "mb_per_s_per_worker",
                                                         "input_chars", "total_tokens", "documents")})  # fmt: skip
         chars_per_token = result["prepare"][0]["input_chars"] / result["prepare"][0]["total_tokens"]
@@ -173,8 +175,12 @@ def main() -> None:
             result["startup"].append({"path": "text", "tokens": int(n_tok), **startup("text", txt)})
             small = os.path.join(tmp, f"prep_{int(n_tok)}")
             write_synthetic_prepared(small, int(n_tok))
-            result["startup"].append({"path": "arrayrecord", "tokens": int(n_tok), **startup("arrayrecord", small)})
-        result["startup"].append({"path": "arrayrecord", "tokens": int(a.tokens), **startup("arrayrecord", big)})
+            result["startup"].append(
+                {"path": "arrayrecord", "tokens": int(n_tok), **startup("arrayrecord", small)}
+            )
+        result["startup"].append(
+            {"path": "arrayrecord", "tokens": int(a.tokens), **startup("arrayrecord", big)}
+        )
     common.write_results("prepared_data", result, markdown(result))
 
 
@@ -193,7 +199,9 @@ def markdown(r: dict) -> str:
               "", "## start-up: data config -> first batch (fresh process)", "",
               "| path | tokens | seconds | peak RSS MiB | windows |", "|---|---|---|---|---|"]  # fmt: skip
     for s in r["startup"]:
-        lines.append(f"| {s['path']} | {s['tokens']:,} | {s['seconds']:.2f} | {s['peak_rss_mb']:,.0f} | {s['windows']:,} |")
+        lines.append(
+            f"| {s['path']} | {s['tokens']:,} | {s['seconds']:.2f} | {s['peak_rss_mb']:,.0f} | {s['windows']:,} |"
+        )
     return "\n".join(lines) + "\n"
 
 

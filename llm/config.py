@@ -145,15 +145,69 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class OptimConfig:
-    """AdamW with linear warmup and cosine decay; parameter groups (rules) decide decay, lr, freezing."""
+class MuonConfig:
+    """optim.name=muon: Muon (orthogonalised momentum) on the hidden weight matrices, Adam (optim.b1,
+    b2, eps) on embeddings, the output head, norms, biases and routers (llm/train/optimizer.py)."""
 
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5  # Newton-Schulz iterations
+    # Updates scaled to RMS consistent_rms * sqrt(max(fan_in, fan_out)) (Liu et al. 2025): at 0.2 they
+    # match AdamW's RMS, so optim.lr and weight_decay serve both halves. 0 = Keller Jordan's
+    # sqrt(max(1, fan_out / fan_in)) scaling, which wants a ~20x larger lr: set lr_ratio.
+    consistent_rms: float = 0.2
+    lr_ratio: float = 1.0  # Muon's learning rate = the schedule's * lr_ratio
+
+
+@dataclass(frozen=True)
+class LionConfig:
+    """optim.name=lion: sign of an interpolated momentum (Chen et al. 2023); wants ~3-10x less lr."""
+
+    b1: float = 0.9
+    b2: float = 0.99
+
+
+@dataclass(frozen=True)
+class AdafactorConfig:
+    """optim.name=adafactor: factored second moments (row and column statistics of each matrix of
+    at least min_dim_size_to_factor in both dims), no first moment by default: ~0 bytes of state
+    per weight-matrix entry vs AdamW's 8 (Shazeer & Stern 2018)."""
+
+    decay_rate: float = 0.8  # second-moment decay 1 - t^-decay_rate
+    min_dim_size_to_factor: int = 128
+    clipping_threshold: float = 1.0  # update RMS clipped to this per parameter (0 = off)
+    momentum: float = 0.0  # > 0 adds a first moment (one more state tensor per parameter)
+    multiply_by_parameter_scale: bool = False  # True: relative step sizes (the paper's; lr ~ 1e-2)
+    eps: float = 1e-30
+
+
+@dataclass(frozen=True)
+class WSDConfig:
+    """optim.schedule=wsd: warmup, a stable plateau at optim.lr, then a decay over the last
+    decay_fraction of train.steps to lr * min_lr_ratio (Hägele et al. 2024): a run can be extended
+    or branched from any plateau checkpoint by decaying from there."""
+
+    decay_fraction: float = 0.2
+    decay_shape: str = "linear"  # linear | cosine | sqrt (1 - sqrt)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer (optim.name) and learning-rate schedule (optim.schedule); parameter groups
+    (rules) decide decay, lr, freezing for every optimizer."""
+
+    name: str = "adamw"  # registry OPTIMIZERS (llm/train/optimizer.py): adamw | muon | lion | adafactor
+    schedule: str = "cosine"  # registry SCHEDULES: cosine | wsd | linear | constant (all after warmup)
     lr: float = 1e-3
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at train.steps
-    b1: float = 0.9
+    min_lr_ratio: float = 0.1  # cosine / linear / wsd end at lr * min_lr_ratio at train.steps
+    b1: float = 0.9  # AdamW's (and Muon's Adam half)
     b2: float = 0.95
     eps: float = 1e-8
+    muon: MuonConfig = field(default_factory=MuonConfig)
+    lion: LionConfig = field(default_factory=LionConfig)
+    adafactor: AdafactorConfig = field(default_factory=AdafactorConfig)
+    wsd: WSDConfig = field(default_factory=WSDConfig)
     weight_decay: float = 0.1
     clip_norm: float = 1.0  # global-norm clipping; 0 disables
     decay_embeddings: bool = False  # also decay embedding tables
@@ -163,8 +217,15 @@ class OptimConfig:
     groups: tuple[str, ...] = ()
 
     def __post_init__(self):
-        from llm.train.optimizer import parse_rule  # noqa: PLC0415 (import cycle)
+        from llm.train.optimizer import OPTIMIZERS, SCHEDULES, WSD_SHAPES, parse_rule  # noqa: PLC0415 (import cycle)
 
+        OPTIMIZERS.get(self.name, "optim.name")
+        SCHEDULES.get(self.schedule, "optim.schedule")
+        if self.wsd.decay_shape not in WSD_SHAPES:
+            raise ConfigError(f"unknown optim.wsd.decay_shape {self.wsd.decay_shape!r}; valid choices: "
+                              f"{', '.join(WSD_SHAPES)}")  # fmt: skip
+        if not 0 < self.wsd.decay_fraction <= 1:
+            raise ConfigError(f"optim.wsd.decay_fraction={self.wsd.decay_fraction} must be in (0, 1]")
         for rule in self.groups:
             parse_rule(rule)
 
@@ -189,6 +250,7 @@ class TrainConfig:
     # and is counted in `spikes_total`. 0 = off. Changing it changes the checkpointed state.
     spike_window: int = 0
     spike_sigmas: float = 6.0
+    z_loss: float = 0.0  # PaLM's output z-loss weight (1e-4 in PaLM): z_loss * mean(logsumexp(logits)^2)
     progress: bool = True  # tqdm progress bar on the console
     distributed: bool = False  # call jax.distributed.initialize() (multi-host)
     peak_tflops: float | None = None  # per-device peak TFLOP/s for MFU; None = llm/flops.py table
@@ -219,6 +281,10 @@ class RunConfig:
         if d.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len="
                               f"{m.max_seq_len}; raise model.max_seq_len or lower data.seq_len")  # fmt: skip
+        if t.z_loss < 0 or (t.z_loss and t.task != "lm"):
+            raise ConfigError(
+                f"train.z_loss={t.z_loss}: a weight >= 0 on the language-model loss (train.task=lm)"
+            )
         if t.peak_tflops is not None and t.peak_tflops <= 0:
             raise ConfigError(f"train.peak_tflops={t.peak_tflops} must be > 0 (or unset for the chip table)")
         if t.spike_window < 0 or (t.spike_window and t.spike_window < 2):

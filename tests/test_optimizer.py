@@ -95,8 +95,8 @@ def test_frozen_parameters_get_no_update_and_no_moments():
 
 def test_lr_mult_and_decay_act_per_parameter():
     base = OptimConfig(lr=1e-2, warmup_steps=1, weight_decay=0.5, clip_norm=0.0)
-    rules = OptimConfig(**{**dataclasses.asdict(base), "groups": ("layer_1/mlp/fc_in/kernel: lr_mult=10",
-                                                                    "layer_1/mlp/fc_out/kernel: decay=false")})  # fmt: skip
+    rules = dataclasses.replace(base, groups=("layer_1/mlp/fc_in/kernel: lr_mult=10",
+                                              "layer_1/mlp/fc_out/kernel: decay=false"))  # fmt: skip
     params = params_of()
     g = _grads(params, n=1)
     step = lambda cfg: _run(opt.make_optimizer(cfg, 10)[0], params, g)[0]  # noqa: E731

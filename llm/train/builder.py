@@ -9,6 +9,7 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -90,7 +91,7 @@ class Trainer:
         c = self.cfg
         fn = functools.partial(step_fn, model=self.model, tx=self.tx, schedule=self.schedule,
                                grad_accum=c.train.grad_accum, spike_sigmas=c.train.spike_sigmas,
-                               trainable=optim_lib.trainable_mask(c.optim, optimizer_groups(c)),
+                               trainable=optim_lib.trainable_mask(c.optim, optimizer_groups(c)), z_loss=c.train.z_loss,
                                **({} if self.task.name == "lm" else {"task": self.task}))  # fmt: skip
         return sharding.jit(fn, self.mesh, self.rules, in_shardings=(self.state_shardings, self.batch_shardings),
                             out_shardings=(self.state_shardings, None), donate_argnums=0)  # fmt: skip
@@ -105,10 +106,22 @@ class Trainer:
         )
 
 
+def param_axes(model, seq_len: int):
+    """The parameters' logical axis names (PartitionSpecs), from an abstract init."""
+    dummy = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    boxed = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), dummy)["params"]
+    return nn.get_partition_spec(boxed)
+
+
 def build_trainer(cfg: RunConfig, mesh: Mesh) -> Trainer:
     """The run's model, optimizer, task and sharded abstract state (no data, nothing allocated)."""
     model = build_model(cfg)
-    tx, schedule = optim_lib.make_optimizer(cfg.optim, cfg.train.steps, optimizer_groups(cfg))
+    tx, schedule = optim_lib.make_optimizer(
+        cfg.optim,
+        cfg.train.steps,
+        optimizer_groups(cfg),
+        param_axes(model, cfg.data.seq_len) if cfg.optim.name == "muon" else None,
+    )
     abstract, shardings = state_lib.state_shardings(model, tx, cfg.data.seq_len, mesh, cfg.mesh.rules,
                                                     cfg.train.spike_window)  # fmt: skip
     return Trainer(cfg=cfg, mesh=mesh, model=model, tx=tx, schedule=schedule, task=tasks.get(cfg.train.task, cfg),

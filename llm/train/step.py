@@ -6,6 +6,7 @@ Model, optimizer and schedule are bound with functools.partial before jitting (s
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -51,14 +52,30 @@ def _nll_sum(logits_BTV, batch):
     return jnp.sum(token_nll(logits_BTV, batch["targets"]) * batch["loss_mask"].astype(jnp.float32))
 
 
-def _loss(params, model, batch, rng, n_tokens, aux_weight):
+def _nll_and_z_sums(logits_BTV, batch):
+    """(masked NLL sum, masked sum of log Z^2): the z-loss's log-partition from the same logsumexp."""
+    logits = logits_BTV.astype(jnp.float32)
+    log_z_BT = jax.nn.logsumexp(logits, axis=-1)
+    target_BT = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum((log_z_BT - target_BT) * mask), jnp.sum(jnp.square(log_z_BT) * mask)
+
+
+def _loss(params, model, batch, rng, n_tokens, aux_weight, z_loss: float = 0.0):
     """Sum of masked NLL / n_tokens (so micro-batch losses add up to the batch mean) + aux losses
-    (each micro-batch's weighted by aux_weight = 1/grad_accum, so they too average)."""
+    (each micro-batch's weighted by aux_weight = 1/grad_accum, so they too average).
+
+    `z_loss` > 0 adds PaLM's output z-loss, z_loss * mean(log Z^2) over the scored tokens (Z the
+    softmax normaliser: keeps the logits from drifting), as the aux loss `z_loss`."""
+    per_chunk = _nll_and_z_sums if z_loss else _nll_sum
     if recurrent.chunk_len(model.cfg):  # the stack chunk by chunk, the loss summed per chunk
-        nll_sum, aux = recurrent.chunked_apply(params, model, batch, rng, True, _nll_sum)
+        sums, aux = recurrent.chunked_apply(params, model, batch, rng, True, per_chunk)
     else:
         logits_BTV, aux = forward(params, model, batch, rng, train=True)
-        nll_sum = _nll_sum(logits_BTV, batch)
+        sums = per_chunk(logits_BTV, batch)
+    nll_sum = sums[0] if z_loss else sums
+    if z_loss:  # a micro-batch mean, weighted like the other aux losses
+        aux["losses"] = {**aux["losses"], "z_loss": z_loss * sums[1] / scored_tokens(batch)}
     nll = nll_sum / n_tokens
     aux_total = sum(aux["losses"].values()) if aux["losses"] else 0.0
     return nll + aux_weight * aux_total, (nll, aux)
@@ -80,6 +97,7 @@ def train_step(
     spike_sigmas: float = 6.0,
     task=None,
     trainable=None,
+    z_loss: float = 0.0,
 ):
     """One optimizer update on a global batch (optionally in `grad_accum` micro-batches).
 
@@ -89,7 +107,8 @@ def train_step(
     pytree of bools) drops the gradients of frozen parameters. With a loss-spike monitor
     in the state (train.spike_window > 0) a spiking loss is skipped the same way.
     """
-    normaliser, loss_fn = (scored_tokens, _loss) if task is None else (task.normaliser, task.loss)
+    lm_loss = functools.partial(_loss, z_loss=z_loss) if z_loss else _loss
+    normaliser, loss_fn = (scored_tokens, lm_loss) if task is None else (task.normaliser, task.loss)
     n_tokens = normaliser(batch)
     rng = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
