@@ -219,6 +219,15 @@ def check(cfg, topo: Topology, force_cpu: bool = False, log=print) -> dict:
     log(f"model {fmt_count(n_params)} parameters | mesh {dict(mesh.shape)} | global batch "
         f"{cfg.train.batch_size} x {t} tokens | dtype {cfg.model.dtype}, remat {cfg.model.remat}")  # fmt: skip
     log(f"train state (params + optimizer) per device: {fmt_bytes(state_bytes)}")
+    # What the optimizer keeps per parameter (AdamW: 8 bytes in fp32; Adafactor's factored moments
+    # far less), so a pod user can choose: --config.optim.name=adafactor|lion|muon.
+    opt_leaves = list(zip(jax.tree.leaves(abstract.opt_state), jax.tree.leaves(shardings.opt_state)))
+    opt_total = sum(a.size * a.dtype.itemsize for a, _ in opt_leaves)
+    opt_device = sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in opt_leaves)
+    report.update(optimizer=cfg.optim.name, opt_state_bytes=opt_total, opt_state_bytes_per_device=opt_device,
+                  opt_state_bytes_per_param=opt_total / n_params)  # fmt: skip
+    log(f"optimizer state ({cfg.optim.name}): {opt_total / n_params:.2f} bytes per parameter, "
+        f"{fmt_bytes(opt_total)} in all, {fmt_bytes(opt_device)} per device")  # fmt: skip
     # A mesh axis that does not divide an array's dimension is dropped for it (replicated), e.g.
     # fsdp=256 with d_model=1600: say so, since that silently multiplies the state per device.
     total = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract))

@@ -112,3 +112,16 @@ def test_attention_variants_compile_for_a_tpu_topology():
                                "model.final_logit_softcap": 30.0, "mesh.data": 2, "mesh.tensor": 2})  # fmt: skip
     report = aot_check.check(cfg, aot_check.parse_topology("v5e:2x2"), log=print)
     assert report["compiles"] and report["fits"] and report["mesh"]["tensor"] == 2
+
+
+def test_optimizer_state_bytes_per_parameter(capsys):
+    """AdamW keeps two fp32 moments (8 bytes per parameter), Lion one (4); Adafactor's factored
+    second moments are a row and a column per matrix (~1 byte per parameter in this tiny model,
+    vectors included)."""
+    per = {}
+    for name in ("adamw", "lion", "adafactor"):
+        cfg = tiny_cfg(**TINY, **{"optim.name": name, "optim.adafactor.min_dim_size_to_factor": 32})
+        per[name] = aot_check.check(cfg, aot_check.parse_topology("v5e:2x2"), force_cpu=True)["opt_state_bytes_per_param"]
+    assert per["adamw"] == pytest.approx(8.0, abs=0.01) and per["lion"] == pytest.approx(4.0, abs=0.01)
+    assert per["adafactor"] < per["adamw"] / 5
+    assert "optimizer state (adafactor):" in capsys.readouterr().out
