@@ -225,6 +225,20 @@ def run_local(runs: list[Run], config: str, out=None, env: dict | None = None) -
     return codes
 
 
+def invalid_runs(runs: list[Run], config: str) -> list[tuple[str, str]]:
+    """(name, one-line reason) for every grid point whose config llm.train would refuse: unknown
+    keys, bad values, shapes that do not divide (checked in this process, before anything runs)."""
+    from llm import cli  # noqa: PLC0415
+
+    bad = []
+    for run in runs:
+        try:
+            cli.build_config(config, {**run.set, **run.overrides})
+        except Exception as e:  # noqa: BLE001 (ml_collections, absl and the config raise many types)
+            bad.append((run.name, cli.explain_flag_error(e, [])))
+    return bad
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -267,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    bad = invalid_runs(runs, config)
+    if bad:  # nothing is launched (nor printed as a command) unless every point builds
+        for name, msg in bad:
+            print(f"error: grid point {name}: {msg}", file=sys.stderr)
+        print(f"error: {len(bad)} of {len(runs)} grid points are invalid; nothing launched", file=sys.stderr)
+        return 2
     dims = ([f"arms[{len(base['arms'])}]"] if base["arms"] else []) + [
         f"{k}[{len(v)}]" for k, v in axes.items()
     ]
@@ -283,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = {n: c for n, c in codes.items() if c}
     print(f"sweep done: {len(runs) - len(failed)}/{len(runs)} runs ok"
           + (f"; failed: {', '.join(f'{n} (exit {c})' for n, c in failed.items())}" if failed else "")
-          + f"\ncompare:  python -m llm.compare {a.workdir}", flush=True)  # fmt: skip
+          + (f"\ncompare:  python -m llm.compare {a.workdir}" if len(failed) < len(runs) else ""),
+          flush=True)  # fmt: skip
     return 1 if failed else 0
 
 

@@ -116,3 +116,23 @@ def run(main: Callable[[list[str]], object]) -> None:
             fail(str(e))
 
     app.run(guarded, flags_parser=parse_flags)
+
+
+def build_config(config: str, overrides: dict[str, str]):
+    """The RunConfig `llm.train --config=<config> --config.<k>=<v> ...` would build, in this
+    process (ml_collections reads the override flags from sys.argv when the flag is defined, so
+    argv is set for the moment). Raises what llm.train would report (explain_flag_error words it)."""
+    from absl import flags  # noqa: PLC0415
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    from llm.config import from_config_dict  # noqa: PLC0415
+
+    argv = ["llm.train", f"--config={config}", *(f"--config.{k}={v}" for k, v in overrides.items())]
+    fv = flags.FlagValues()
+    saved, sys.argv = sys.argv, argv
+    try:
+        config_flags.DEFINE_config_file("config", None, "config file", lock_config=True, flag_values=fv)
+        fv(argv)
+        return from_config_dict(fv.config)
+    finally:
+        sys.argv = saved

@@ -1,7 +1,8 @@
 """Compare runs: `python -m llm.compare <workdir or sweep root>... [--out=DIR] [--sort=final_eval_loss]`.
 
 Prints one row per run (final and best held-out loss and bits per byte, tokens/s, parameters,
-wall time, and the config values that differ between the runs) and writes <out>/comparison.png
+wall_s: the seconds spent training, from the run's runs.jsonl (summed over launches; start-up,
+evals and pauses between launches left out), and the config values that differ between the runs) and writes <out>/comparison.png
 (train and held-out loss against step) and <out>/comparison.json. A directory without
 metrics.jsonl is read as a sweep root: every sub-directory with one is a run.
 
@@ -21,6 +22,8 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from llm.train import history
 
 METRICS_FILE = "metrics.jsonl"
 # Keys that differ between runs without changing what is trained.
@@ -137,7 +140,10 @@ def summarize(workdir: str, name: str | None = None, metrics: tuple[str, ...] = 
     s.n_params = next((r["n_params"] for r in reversed(rows) if "n_params" in r), None)
     s.last_step = max((r["step"] for r in rows), default=0)
     result = _read_json(os.path.join(workdir, "sweep_result.json"))
-    if "wall_s" in result:
+    trained = history.training_seconds(workdir)
+    if trained is not None:  # the loop's own clock, summed over launches: no pauses, no evals
+        s.wall_s = trained
+    elif "wall_s" in result:
         s.wall_s = float(result["wall_s"])
     else:
         times = [r["time"] for r in rows if "time" in r]
@@ -330,8 +336,8 @@ def compare(paths: list[str], out: str | None = None, sort: str | None = "final_
 
 
 def default_out(paths: list[str]) -> str:
-    """The sweep root when one directory of runs is given, else the runs' common parent."""
-    if len(paths) == 1 and not os.path.isfile(os.path.join(paths[0], METRICS_FILE)):
+    """The one directory given (a sweep root or a run: never its parent), else the paths' common parent."""
+    if len(paths) == 1:
         return paths[0]
     return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
 
@@ -339,7 +345,11 @@ def default_out(paths: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llm.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", help="run workdirs and/or sweep roots")
-    p.add_argument("--out", help="where comparison.png/json go (default: the sweep root or common parent)")
+    p.add_argument(
+        "--out",
+        help="where comparison.png/json go (default: the one directory given, else the "
+        "common parent of the paths)",
+    )
     p.add_argument(
         "--sort",
         default="final_eval_loss",

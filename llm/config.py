@@ -250,6 +250,9 @@ class TrainConfig:
     # and is counted in `spikes_total`. 0 = off. Changing it changes the checkpointed state.
     spike_window: int = 0
     spike_sigmas: float = 6.0
+    # A resume may change train.steps / batch_size or the optim schedule fields only with this set
+    # (the change is recorded in <workdir>/runs.jsonl): otherwise the run's curve would silently bend.
+    allow_schedule_change: bool = False
     z_loss: float = 0.0  # PaLM's output z-loss weight (1e-4 in PaLM): z_loss * mean(logsumexp(logits)^2)
     progress: bool = True  # tqdm progress bar on the console
     distributed: bool = False  # call jax.distributed.initialize() (multi-host)

@@ -40,6 +40,9 @@ def main(argv):
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    # (on stderr: stdout stays the sample alone, for pipes)
+    print(f"sampling {_WORKDIR.value} at step {run.step} ({run.model.cfg.n_layers} layers, d_model "
+          f"{run.model.cfg.d_model})", file=sys.stderr, flush=True)  # fmt: skip
     sys.stdout.write(_PROMPT.value)
     for piece in generate_stream(
         run.model, run.params, run.tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW.value,

@@ -121,7 +121,9 @@ def test_optimizer_state_bytes_per_parameter(capsys):
     per = {}
     for name in ("adamw", "lion", "adafactor"):
         cfg = tiny_cfg(**TINY, **{"optim.name": name, "optim.adafactor.min_dim_size_to_factor": 32})
-        per[name] = aot_check.check(cfg, aot_check.parse_topology("v5e:2x2"), force_cpu=True)["opt_state_bytes_per_param"]
+        per[name] = aot_check.check(cfg, aot_check.parse_topology("v5e:2x2"), force_cpu=True)[
+            "opt_state_bytes_per_param"
+        ]
     assert per["adamw"] == pytest.approx(8.0, abs=0.01) and per["lion"] == pytest.approx(4.0, abs=0.01)
     assert per["adafactor"] < per["adamw"] / 5
     assert "optimizer state (adafactor):" in capsys.readouterr().out

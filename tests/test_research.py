@@ -86,6 +86,21 @@ def test_sweep_bad_input(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--dry_run", "--emit=local"])
+def test_sweep_validates_every_grid_point_first(flag, tmp_path, capsys):
+    """A misspelt value or key in any grid point: exit 2 naming it, nothing launched or created."""
+    args = [f"--workdir={tmp_path}/sw", "--sweep=model.positional=[learned,rotary]",
+            "--sweep=model.attention.n_kv_heads=[1,3]", flag]  # fmt: skip
+    assert sweep.main(args) == 2
+    err = capsys.readouterr().err
+    assert "grid point positional=rotary,n_kv_heads=1: unknown positional encoding 'rotary'" in err
+    assert "n_kv_heads=3: model.attention.n_heads=4 is not divisible" in err
+    assert "3 of 4 grid points are invalid; nothing launched" in err
+    assert not os.path.exists(tmp_path / "sw")
+    assert sweep.main([f"--workdir={tmp_path}/sw", "--sweep=model.positionl=[rope]", flag]) == 2
+    assert "unknown config field 'positionl'. Did you mean 'positional'?" in capsys.readouterr().err
+
+
 def test_sweep_arms_cross_named_variants_with_the_axes(repo_root, capsys):
     """Named arms (e.g. dense vs MoE balancing variants) x axes (seeds): every run carries its
     arm's overrides; the MoE sweep file expands to 4 arms x 2 seeds."""

@@ -36,6 +36,7 @@ from llm.data.tokenizers import META_FILE as TOKENIZER_META
 from llm.data.tokenizers import Tokenizer, build_tokenizer
 from llm.model import ModelConfig
 from llm.model import lora as lora_lib
+from llm.train import history
 from llm.train import state as state_lib
 from llm.train.builder import Trainer, build_trainer
 from llm.train.metrics import MetricWriter
@@ -342,8 +343,11 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
                                      jax.process_index(), jax.process_count(),
                                      shift_windows=cfg.data.shift_windows)  # fmt: skip
     data_it = pipeline.train_iterator(data_ds, cfg.data.worker_threads)
+    schedule_change = {}
     if ckpt.steps():
-        check_same_model(ckpt.read_config(), cfg, ckpt.directory)
+        saved_cfg = ckpt.read_config()
+        check_same_model(saved_cfg, cfg, ckpt.directory)
+        schedule_change = history.check_same_schedule(saved_cfg, cfg, ckpt.directory)
     restored = ckpt.restore_latest(abstract, data_it, upgrade=exp.trainer.upgrade())
     if restored is None:
         state = exp.trainer.init_state()
@@ -360,6 +364,7 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
     if is_main:  # only now: a refused resume must not overwrite the record of the run it refused
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json())
+        history.append(workdir, history.start_record(start, schedule_change))
     n_params = state_lib.count_params(state.params)
     train_fn, eval_fn = compile_steps(exp)
     writer = MetricWriter(workdir)
@@ -381,6 +386,7 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
     mix_counts = np.zeros(len(mixture.names), np.int64) if mixture else None
     t_window, steps_window = time.perf_counter(), 0
     last_saved, step, exit_code, result = start, start, 0, {}
+    t_loop, eval_seconds, train_seconds, finished = time.perf_counter(), 0.0, None, False
     # Trace from the step after the one that compiles, so the profile shows steady-state steps.
     profiler = StepProfiler(workdir, start + 1, cfg.train.profile_steps)
     try:
@@ -417,8 +423,10 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
                     row["spikes_total"] = int(jax.device_get(state.monitor["spikes"]))
                 t_window, steps_window = time.perf_counter(), 0
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
+                    t_eval = time.perf_counter()
                     row.update(evaluate(exp, eval_fn, state.params))
                     t_window = time.perf_counter()  # keep eval time out of tokens/s
+                    eval_seconds += t_window - t_eval
                     _say(bar, is_main, f"step {step}: eval {eval_line(row)}")
                 writer.write(step, row)
                 if row.get("loss_spike"):
@@ -447,12 +455,14 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
         if exit_code != EXIT_CHECKPOINT_FAILED and (step != last_saved or not ckpt.steps()):
             if not _save(ckpt, step, state, data_it, cfg, wait=True):
                 exit_code = EXIT_CHECKPOINT_FAILED
+        train_seconds = time.perf_counter() - t_loop - eval_seconds  # (the final save included)
         if exit_code == 0 and step == cfg.train.steps:
             result = evaluate(exp, eval_fn, state.params)
             result.update(step=step, n_params=n_params)
             writer.write(step, result)
             if is_main:
                 print(f"final eval at step {step}: {eval_line(result, final=True)}", flush=True)
+        finished = True
     finally:
         profiler.stop()
         if bar is not None:
@@ -464,6 +474,13 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
         except Exception as e:  # a failed async write surfaces here; earlier checkpoints are intact
             print(f"error: checkpoint write failed: {e}", flush=True)
             exit_code = exit_code or EXIT_CHECKPOINT_FAILED
+        if is_main:  # (an exception on its way out: recorded as such)
+            seconds = (
+                train_seconds if train_seconds is not None else time.perf_counter() - t_loop - eval_seconds
+            )
+            history.append(workdir, {"event": "end", "time": time.time(), "step": step,
+                                     "exit_code": exit_code if finished else "exception",
+                                     "train_seconds": round(seconds, 3)})  # fmt: skip
     if exit_code:
         raise SystemExit(exit_code)
     return result

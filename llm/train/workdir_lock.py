@@ -9,7 +9,8 @@ from llm.registry import ConfigError
 
 
 class WorkdirLock:
-    """flock on <workdir>/.lock, held for the life of the run; the OS drops it if the process dies."""
+    """flock on <workdir>/.lock, held for the life of the run; the OS drops it if the process dies.
+    The file names the holder's pid while held and is emptied when the run ends."""
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, ".lock")
@@ -36,5 +37,7 @@ class WorkdirLock:
 
     def __exit__(self, *exc) -> None:
         if self.f is not None:
+            self.f.truncate(0)  # no pid left behind: an empty .lock is a free workdir
+            self.f.flush()
             fcntl.flock(self.f, fcntl.LOCK_UN)
             self.f.close()
