@@ -176,6 +176,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument(
         "--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print the commands only"
     )
+    p.add_argument("--allow_dirty", action="store_true",
+                   help="ship HEAD even though tracked files have uncommitted changes (they do not travel)")  # fmt: skip
     a = p.parse_args(argv)
     if a.step in ("run", "all") and not train_args:
         p.error("give the llm.train flags after `--` (at least --config and a shared --workdir)")
@@ -187,6 +189,18 @@ def main(argv: list[str] | None = None, out=None) -> int:
     pod, run = Pod(a), Runner(a.dry_run, out)
     archive = f"/tmp/{a.name}-code.tar.gz"
     steps = ["create", "setup", "run"] + ([] if a.keep else ["delete"]) if a.step == "all" else [a.step]
+    if "setup" in steps:
+        from llm.train.history import git_state  # noqa: PLC0415
+
+        git = git_state()
+        if git and git["dirty"] and not a.allow_dirty:
+            msg = (f"the work tree has uncommitted changes to tracked files; setup ships `git archive HEAD` "
+                   f"({git['commit'][:10]}), so they would not run on the pod: commit them, or pass "
+                   f"--allow_dirty to ship HEAD as it is")  # fmt: skip
+            if not a.dry_run:
+                print(f"error: {msg}", file=sys.stderr)
+                return 2
+            print(f"WARNING: {msg}", file=sys.stderr)  # (out is the command listing)
     code = 0
     try:
         for step in steps:

@@ -64,6 +64,18 @@ def test_tpu_pod_errors():
         dry(tpu_pod, ["create", "--name=p", "--zone=z", "--accelerator_type=v9-8"])
 
 
+def test_tpu_pod_refuses_a_dirty_tree(monkeypatch, capsys):
+    """`git archive HEAD` would silently ship the last commit, not the edited files."""
+    from llm.train import history
+
+    monkeypatch.setattr(history, "git_state", lambda: {"commit": "0123456789abcdef", "dirty": True})
+    ran = []
+    monkeypatch.setattr(tpu_pod.Runner, "__call__", lambda self, cmds, parallel=False: ran.append(cmds) or 0)
+    assert tpu_pod.main(["setup", "--name=p", "--zone=z"]) == 2
+    assert "uncommitted changes" in capsys.readouterr().err and not ran
+    assert tpu_pod.main(["setup", "--name=p", "--zone=z", "--allow_dirty"]) == 0 and ran
+
+
 @pytest.mark.parametrize("per", ["gpu", "node"])
 def test_slurm_script(per):
     lines = dry(slurm, ["--nodes=4", "--gpus_per_node=8", f"--per={per}", "--partition=gpu", "--time=2:00:00",
