@@ -19,6 +19,7 @@ INSTALL = [
     "array-record>=0.8",  # prepared datasets (llm/data/prepared.py); grain reads them
     "zstandard>=0.22",  # .jsonl.zst corpora
     "pyarrow>=15",  # .parquet corpora
+    "gcsfs>=2024.2",  # gs:// run directories (metrics, config, tokenizer, history) via etils.epath
 ]
 
 # Exact versions CI and the README's quick start install (see requirements.txt).
@@ -42,7 +43,9 @@ setup(
             "nbclient==0.11.0",
             "nbformat==5.11.1",
             "ipykernel==7.4.0",
+            "gcp-storage-emulator==2026.7.19",  # tests/test_gcs.py: a gs:// workdir end to end
         ],
+        "viz": ["tensorboard>=2.17", "jupyterlab>=4"],  # TensorBoard for <workdir>/tb, notebooks/
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
         # Compile-only TPU topologies on any machine (launch/aot_check.py): jax[tpu] brings the
         # libtpu wheel that matches jax (jax 0.10.2 -> libtpu 0.0.42.*).

@@ -10,7 +10,6 @@ restores on another mesh or on a single CPU.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint._src.path import atomicity
 
+from llm import fs
 from llm.model import lora
 from llm.registry import ConfigError
 
@@ -69,9 +69,10 @@ class Checkpointer:
     the adapters alone, and `base()` gives the frozen parameters they are combined with on restore."""
 
     def __init__(
-        self, directory: str, keep: int = 3, async_save: bool = True, base=None, compress: bool = True
-    ):
-        self.directory = os.path.abspath(directory)
+        self, directory: str, keep: int = 3, async_save: bool = True, base=None, compress: bool = True,
+        ocdbt: bool = True,
+    ):  # fmt: skip
+        self.directory = fs.absolute(directory)
         self.base = base
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
@@ -81,6 +82,11 @@ class Checkpointer:
         handlers = (
             None if compress else {"params": _uncompressed_handler(), "config": ocp.JsonCheckpointHandler()}
         )
+        if not ocdbt:  # (checkpoint.ocdbt=false) every item's handler named, each without OCDBT
+            handlers = {
+                k: ocp.StandardCheckpointHandler(use_ocdbt=False) for k in ("params", "opt_state", "train")
+            }
+            handlers.update(config=ocp.JsonCheckpointHandler(), data=grain.checkpoint.CheckpointHandler())
         self.mngr = ocp.CheckpointManager(self.directory, options=options, item_names=None if handlers else ITEMS + (LEGACY_STATE,),
                                           item_handlers=handlers)  # fmt: skip
 
@@ -89,13 +95,11 @@ class Checkpointer:
         return sorted(self.mngr.all_steps())
 
     def _item_dir(self, step: int, item: str) -> str:
-        return os.path.join(self.directory, str(step), item)
+        return fs.join(self.directory, str(step), item)
 
     def is_legacy(self, step: int) -> bool:
         """Whether `step` was written in the single-item layout of commit e9a0ace and earlier."""
-        return os.path.isdir(self._item_dir(step, LEGACY_STATE)) and not os.path.isdir(
-            self._item_dir(step, "params")
-        )
+        return fs.isdir(self._item_dir(step, LEGACY_STATE)) and not fs.isdir(self._item_dir(step, "params"))
 
     def save(self, step: int, state, data_iter, config_json: str) -> None:
         params = lora.split(state.params)[0] if self.base else state.params  # adapters alone
@@ -133,11 +137,9 @@ class Checkpointer:
                 args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         if self.is_legacy(step):
             return self._restore_legacy(step, abstract_state, args, data_iter, data_state, upgrade)
-        if not os.path.isdir(self._item_dir(step, "opt_state")) and os.path.isdir(
-            self._item_dir(step, "params")
-        ):
+        if not fs.isdir(self._item_dir(step, "opt_state")) and fs.isdir(self._item_dir(step, "params")):
             raise ConfigError(f"{self.directory}/{step} holds parameters only (an imported model) and cannot be "
-                              f"resumed; fine-tune it in a new run: --config.train.init_from={os.path.dirname(self.directory)} "
+                              f"resumed; fine-tune it in a new run: --config.train.init_from={os.path.dirname(self.directory.rstrip('/'))} "
                               "--workdir=<new dir>")  # fmt: skip
         # Leaves are named as in the train state (params.*, opt_state.*, step, monitor.*).
         saved_params = lora.split(abstract_state.params)[0] if self.base else abstract_state.params
@@ -236,11 +238,11 @@ class Checkpointer:
         """Rename a damaged step dir to corrupt-<step>-<n> (kept for inspection, never restored)."""
         if jax.process_index() != 0:
             return
-        src = os.path.join(self.directory, str(step))
+        src = fs.join(self.directory, str(step))
         n = 0
-        while os.path.exists(dst := os.path.join(self.directory, f"corrupt-{step}-{n}")):
+        while fs.exists(dst := fs.join(self.directory, f"corrupt-{step}-{n}")):
             n += 1
-        os.rename(src, dst)
+        epath.Path(src).rename(dst)
         log.error("moved the damaged checkpoint %s to %s", src, dst)
         self.mngr.reload()
 
@@ -262,14 +264,12 @@ def _other_process_count_data_state(data_dir: str) -> dict | None:
     look damaged on one host. Every process's iterator stands at the same global batch
     (pipeline.train_dataset), so their states are identical and any one fits every process.
     """
-    own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-    files = sorted(glob.glob(os.path.join(data_dir, "process_*-of-*.json")))
-    if not files or os.path.exists(own):
+    own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    d = epath.Path(data_dir)
+    files = sorted(str(f) for f in d.glob("process_*-of-*.json")) if d.is_dir() else []
+    if not files or (d / own).exists():
         return None
-    states = []
-    for f in files:
-        with open(f) as fh:
-            states.append(json.load(fh))
+    states = [json.loads(epath.Path(f).read_text()) for f in files]
     if any(s != states[0] for s in states):
         raise CheckpointCorrupt(f"{data_dir}: the data-iterator states of the {len(files)} processes that "
                                 f"wrote it differ; it can only be restored with {len(files)} processes")  # fmt: skip
@@ -389,7 +389,7 @@ def run_checkpointer(workdir: str, cfg, abstract_params, **kw) -> Checkpointer:
         src, step = parse_init_from(cfg.train.init_from)
         base_target = lora.split(abstract_params)[1]
         base = lambda: restore_base_params(src, step, base_target)  # noqa: E731
-    return Checkpointer(os.path.join(workdir, "checkpoints"), base=base, **kw)
+    return Checkpointer(fs.join(workdir, "checkpoints"), base=base, **kw)
 
 
 def checked_step(ckpt: Checkpointer, step: int | None, what: str, hint: str = "") -> int:
@@ -407,7 +407,7 @@ def checked_step(ckpt: Checkpointer, step: int | None, what: str, hint: str = ""
 def restore_base_params(src: str, step: int | None, base_target):
     """Parameters of run `src` (newest step if None) into `base_target` (no adapters). A LoRA
     source must be merged first (`python -m llm.convert --merge_lora`)."""
-    ckpt = Checkpointer(os.path.join(src, "checkpoints"), async_save=False)
+    ckpt = Checkpointer(fs.join(src, "checkpoints"), async_save=False)
     try:
         step = checked_step(ckpt, step, f"train.init_from={src}")
         saved_model = ckpt.read_config(step).get("model", {})

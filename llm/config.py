@@ -265,6 +265,10 @@ class CheckpointConfig:
     every: int = 200  # steps between saves (0 = only at the end / on signals)
     keep: int = 3
     async_save: bool = True
+    # OCDBT (the default): one key-value database per item, few large files. False: a directory of
+    # zarr chunks per array, for storage where OCDBT's manifest writes fail (the local GCS
+    # emulator of tests/test_gcs.py). Either reads back whatever the checkpoint holds.
+    ocdbt: bool = True
 
 
 @dataclass(frozen=True)

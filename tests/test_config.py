@@ -207,6 +207,16 @@ README_FLAG_VALUES = {
     "train.dpo_beta": 0.2, "data.instructions.template": "phi3", "data.instructions.prompt_loss": True,
     "data.instructions.split": (0.8, 0.1, 0.1), "data.preference_split": (0.9, 0.1), "data.pause.rate": 0.05,
     "data.pause.k": 2,
+    "optim.name": "lion", "optim.schedule": "wsd", "optim.wsd.decay_fraction": 0.3, "optim.wsd.decay_shape": "sqrt",
+    "optim.b1": 0.8, "optim.b2": 0.9, "optim.eps": 1e-6,
+    "optim.muon.momentum": 0.9, "optim.muon.nesterov": False, "optim.muon.ns_steps": 4,
+    "optim.muon.consistent_rms": 0.0, "optim.muon.lr_ratio": 20.0, "optim.lion.b1": 0.95, "optim.lion.b2": 0.98,
+    "optim.adafactor.decay_rate": 0.7, "optim.adafactor.min_dim_size_to_factor": 64,
+    "optim.adafactor.clipping_threshold": 0.5, "optim.adafactor.momentum": 0.9,
+    "optim.adafactor.multiply_by_parameter_scale": True,
+    # (with train.task=dpo / data.kind=classification above: the values that leave them off)
+    "train.z_loss": 0.0, "data.path": "", "data.mixture": (), "data.eval_path": "",
+    "train.allow_schedule_change": True, "checkpoint.ocdbt": False,
 }  # fmt: skip
 
 

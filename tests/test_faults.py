@@ -62,7 +62,7 @@ def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
     caplog.set_level("ERROR")
     run = llm.load(wd, step=8)
     assert run.step == 8
-    more = run_cfg(**{"train.steps": 14})
+    more = run_cfg(**{"train.steps": 14, "train.allow_schedule_change": True})
     loop.train(more, wd)  # resumes from 8 (12 is damaged), reaches 14
     assert "checkpoint" in caplog.text and "/12" in caplog.text
     steps = [m["step"] for m in read_metrics(wd) if "loss" in m]
@@ -229,7 +229,9 @@ def test_checkpoint_with_another_train_state_is_refused_not_quarantined(tmp_path
     wd = str(tmp_path / "s")
     loop.train(run_cfg(**{"train.steps": 4}), wd)
     with pytest.raises(CheckpointMismatch) as e:  # the spike monitor adds leaves to the state
-        loop.train(run_cfg(**{"train.steps": 8, "train.spike_window": 4}), wd)
+        loop.train(
+            run_cfg(**{"train.steps": 8, "train.spike_window": 4, "train.allow_schedule_change": True}), wd
+        )
     assert "missing in the checkpoint: monitor.count" in str(e.value) and "config.json" in str(e.value)
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["4"]  # nothing renamed or deleted
     loop.train(run_cfg(**{"train.steps": 8}), wd)  # the original flags still resume it

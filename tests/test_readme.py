@@ -19,7 +19,9 @@ def python_blocks() -> list[str]:
 @pytest.fixture(scope="module")
 def stand_in(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("readme") / "shakespeare")
-    train(tiny_cfg(**{"model.n_layers": 4, "train.steps": 3, "train.eval_every": 0, "checkpoint.every": 0}), wd)
+    train(
+        tiny_cfg(**{"model.n_layers": 4, "train.steps": 3, "train.eval_every": 0, "checkpoint.every": 0}), wd
+    )
     return wd
 
 

@@ -116,7 +116,8 @@ def test_sigterm_saves_and_resumes(tmp_path, repo_root):
     last_logged = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
     assert saved and saved[-1] >= last_logged >= 5
     # The same command resumes from that step (here with a finite step count).
-    r = subprocess.run([*cmd[:-5], f"--config.train.steps={saved[-1] + 3}", "--config.train.progress=false"],
+    r = subprocess.run([*cmd[:-5], f"--config.train.steps={saved[-1] + 3}", "--config.train.progress=false",
+                        "--config.train.allow_schedule_change=true"],
                        cwd=repo_root, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"resuming at step {saved[-1]}" in r.stdout

@@ -364,8 +364,28 @@ def _write_meta(directory: str, meta: dict) -> None:
         json.dump(meta, f)
 
 
+def is_tokenizer_file(name: str) -> bool:
+    """The files a tokenizer's `save` writes into a run directory (what copying a tokenizer copies)."""
+    return name.startswith("tokenizer.") or name == HFTokenizer.FILE
+
+
 def load_tokenizer(directory: str) -> Tokenizer:
-    """Load the tokenizer saved in a run directory."""
+    """Load the tokenizer saved in a run directory (local or gs://: its tokenizer.* files are
+    fetched to a temporary directory first)."""
+    from llm import fs  # noqa: PLC0415
+
+    if fs.is_remote(directory):
+        import tempfile  # noqa: PLC0415
+
+        from etils import epath  # noqa: PLC0415
+
+        if not fs.exists(fs.join(directory, META_FILE)):
+            raise FileNotFoundError(f"no tokenizer in {directory} (expected {META_FILE})")
+        with tempfile.TemporaryDirectory() as local:
+            for f in epath.Path(directory).iterdir():
+                if is_tokenizer_file(f.name):
+                    (epath.Path(local) / f.name).write_bytes(f.read_bytes())
+            return load_tokenizer(local)
     meta_path = os.path.join(directory, META_FILE)
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"no tokenizer in {directory} (expected {META_FILE})")
@@ -374,9 +394,25 @@ def load_tokenizer(directory: str) -> Tokenizer:
     return TOKENIZERS.get(meta["kind"], f"{meta_path} kind").load(directory, meta)
 
 
+def save_tokenizer(tok: Tokenizer, directory: str) -> None:
+    """`tok.save(directory)`, for a gs:// directory through a local temporary one."""
+    from llm import fs  # noqa: PLC0415
+
+    if not fs.is_remote(directory):
+        tok.save(directory)
+        return
+    import tempfile  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as local:
+        tok.save(local)
+        fs.copy_tree(local, directory)
+
+
 def build_tokenizer(cfg: TokenizerConfig, directory: str, texts: Iterable[str]) -> Tokenizer:
     """The run's tokenizer: reuse the one saved in `directory` (resume), else build one."""
-    if os.path.exists(os.path.join(directory, META_FILE)):
+    from llm import fs  # noqa: PLC0415
+
+    if fs.exists(fs.join(directory, META_FILE)):
         tok = load_tokenizer(directory)
         if tok.kind != cfg.kind:
             raise ConfigError(

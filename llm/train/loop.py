@@ -10,17 +10,16 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
 import signal
 import time
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
-from llm import flops, sharding
+from llm import flops, fs, sharding
 from llm.checkpoint import (
     Checkpointer,
     CheckpointMismatch,
@@ -33,7 +32,7 @@ from llm.config import ConfigError, RunConfig, from_dict
 from llm.data import pipeline, sources
 from llm.data.prepared import Mixture
 from llm.data.tokenizers import META_FILE as TOKENIZER_META
-from llm.data.tokenizers import Tokenizer, build_tokenizer
+from llm.data.tokenizers import Tokenizer, build_tokenizer, is_tokenizer_file, save_tokenizer
 from llm.model import ModelConfig
 from llm.model import lora as lora_lib
 from llm.train import history
@@ -113,15 +112,15 @@ def build(cfg: RunConfig, workdir: str, devices=None) -> Experiment:
     if jax.process_index() == 0:
         if cfg.train.init_from:
             copy_tokenizer(parse_init_from(cfg.train.init_from)[0], workdir)
-        elif hasattr(source, "copy_tokenizer") and not os.path.exists(os.path.join(workdir, TOKENIZER_META)):
+        elif hasattr(source, "copy_tokenizer") and not fs.exists(fs.join(workdir, TOKENIZER_META)):
             source.copy_tokenizer(workdir)  # prepared data comes with the tokenizer of its ids
-        build_tokenizer(cfg.data.tokenizer, workdir, corpus_texts()).save(workdir)
+        save_tokenizer(build_tokenizer(cfg.data.tokenizer, workdir, corpus_texts()), workdir)
     if jax.process_count() > 1:
         # Other processes read the tokenizer only after process 0 has written it (reading during the
         # write could see half a file); without a shared workdir they train the same one themselves.
         multihost_utils.sync_global_devices("llm.build: tokenizer saved")
     if jax.process_index() != 0 and hasattr(source, "copy_tokenizer") and not cfg.train.init_from:
-        if not os.path.exists(os.path.join(workdir, TOKENIZER_META)):
+        if not fs.exists(fs.join(workdir, TOKENIZER_META)):
             source.copy_tokenizer(workdir)
     tok = build_tokenizer(cfg.data.tokenizer, workdir, corpus_texts())
     if hasattr(source, "check_tokenizer"):
@@ -266,23 +265,23 @@ def _normalised_model(saved_model: dict) -> dict:
 def copy_tokenizer(src_workdir: str, workdir: str) -> None:
     """A new run initialised from another's parameters must read text as that run did: its
     tokenizer files are copied in (unless this workdir already has its own, e.g. on resume)."""
-    if os.path.exists(os.path.join(workdir, TOKENIZER_META)):
+    if fs.exists(fs.join(workdir, TOKENIZER_META)):
         return
-    if not os.path.exists(os.path.join(src_workdir, TOKENIZER_META)):
+    if not fs.exists(fs.join(src_workdir, TOKENIZER_META)):
         raise FileNotFoundError(
             f"train.init_from={src_workdir}: no tokenizer there (expected {TOKENIZER_META})"
         )
-    os.makedirs(workdir, exist_ok=True)
-    for name in os.listdir(src_workdir):
-        if name.startswith("tokenizer."):
-            shutil.copy2(os.path.join(src_workdir, name), os.path.join(workdir, name))
+    fs.makedirs(workdir)
+    for f in epath.Path(src_workdir).iterdir():
+        if is_tokenizer_file(f.name):
+            fs.copy_tree(str(f), fs.join(workdir, f.name))
 
 
 def init_params_from(spec: str, trainer: Trainer, fresh=None):
     """Parameters of another run (`train.init_from`), restored straight into this run's shardings.
     A LoRA run (model.lora.rank > 0) takes its base from there and keeps `fresh`'s adapters."""
     src, step = parse_init_from(spec)
-    ckpt = Checkpointer(os.path.join(src, "checkpoints"), async_save=False)
+    ckpt = Checkpointer(fs.join(src, "checkpoints"), async_save=False)
     try:
         step = checked_step(ckpt, step, f"train.init_from={spec}")
     finally:
@@ -296,7 +295,7 @@ def init_params_from(spec: str, trainer: Trainer, fresh=None):
                 f"train.init_from={spec}: its parameters do not fit this model's base ({e.problems})"
             ) from e
         return lora_lib.combine(base, lora_lib.split(fresh)[0] if fresh is not None else adapters), step
-    ckpt = Checkpointer(os.path.join(src, "checkpoints"), async_save=False)
+    ckpt = Checkpointer(fs.join(src, "checkpoints"), async_save=False)
     try:
         try:
             params = ckpt.restore_params(step, trainer.params_target())
@@ -317,10 +316,11 @@ def train(cfg: RunConfig, workdir: str, stop_at: int | None = None) -> dict[str,
     `stop_at` ends this invocation early at that step (with a checkpoint), as an interruption
     would; calling again resumes. The schedule still follows cfg.train.steps.
     """
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() != 0:
+    fs.makedirs(workdir)
+    if jax.process_index() != 0 or fs.is_remote(workdir):
+        # Process 0 only: hosts may not share a lockable filesystem; an object store has no locks.
         return _train(cfg, workdir, stop_at)
-    with WorkdirLock(workdir):  # process 0 only: hosts may not share a lockable filesystem
+    with WorkdirLock(workdir):
         return _train(cfg, workdir, stop_at)
 
 
@@ -338,7 +338,7 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
         del ref
     abstract = exp.trainer.restore_target()
     ckpt = run_checkpointer(workdir, cfg, abstract.params, keep=cfg.checkpoint.keep,
-                            async_save=cfg.checkpoint.async_save)  # fmt: skip
+                            async_save=cfg.checkpoint.async_save, ocdbt=cfg.checkpoint.ocdbt)  # fmt: skip
     data_ds = pipeline.train_dataset(exp.train_windows, cfg.train.batch_size, cfg.data.seed,
                                      jax.process_index(), jax.process_count(),
                                      shift_windows=cfg.data.shift_windows)  # fmt: skip
@@ -362,8 +362,7 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
         start, state, _ = restored
         log.info("resumed from checkpoint step %d", start)
     if is_main:  # only now: a refused resume must not overwrite the record of the run it refused
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json())
+        fs.write_text(fs.join(workdir, "config.json"), cfg.to_json())
         history.append(workdir, history.start_record(start, schedule_change))
     n_params = state_lib.count_params(state.params)
     train_fn, eval_fn = compile_steps(exp)
