@@ -66,20 +66,11 @@ def main() -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(
-        [p["train_s"] for p in ours],
-        [p["eval_bpb"] for p in ours],
-        "o-",
-        ms=3,
-        label="project default recipe",
-    )
-    ax.plot(
-        [p["train_s"] for p in theirs],
-        [p["eval_bpb"] for p in theirs],
-        "s-",
-        ms=3,
-        label="nanoGPT char (PyTorch)",
-    )
+    for curve, marker, label in (
+        (ours, "o-", "project default recipe"),
+        (theirs, "s-", "nanoGPT char (PyTorch)"),
+    ):
+        ax.plot([p["train_s"] for p in curve], [p["eval_bpb"] for p in curve], marker, ms=3, label=label)
     for t in CHECKPOINTS_S:
         ax.axvline(t, color="grey", lw=0.5, ls=":")
     ax.set_xlabel("training wall time (s), evaluation excluded")
