@@ -32,21 +32,17 @@ def write_results(stem: str, data, md: str | None = None) -> None:
 
 
 def host() -> dict:
-    """The CPU every number was measured on: model name, cores this process may use, vector ISA."""
-    name, flags = "unknown", set()
+    """The CPU every number was measured on: model name, cores this process may use, vector ISA
+    (the same reading runs.jsonl records: llm.train.history.cpu_isa)."""
+    from llm.train.history import cpu_isa  # noqa: PLC0415
+
+    name = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and name == "unknown":
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
     except OSError:
         pass
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
-    isa += " + AVX512-BF16" if "avx512_bf16" in flags else ""
-    isa += " + AMX" if "amx_bf16" in flags else ""
-    return {"cpu": name, "cores": len(os.sched_getaffinity(0)), "isa": isa}
+    return {"cpu": name, "cores": len(os.sched_getaffinity(0)), "isa": cpu_isa()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -234,7 +234,9 @@ def test_checkpoint_with_another_train_state_is_refused_not_quarantined(tmp_path
         )
     assert "missing in the checkpoint: monitor.count" in str(e.value) and "config.json" in str(e.value)
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["4"]  # nothing renamed or deleted
-    loop.train(run_cfg(**{"train.steps": 8, "train.allow_schedule_change": True}), wd)  # still resumes (no spike window)
+    loop.train(
+        run_cfg(**{"train.steps": 8, "train.allow_schedule_change": True}), wd
+    )  # still resumes (no spike window)
     assert llm.load(wd).step == 8
 
 

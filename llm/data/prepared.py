@@ -29,6 +29,7 @@ from functools import cached_property
 import numpy as np
 from etils import epath
 
+from llm import fs
 from llm.data.pipeline import make_example
 from llm.data.sources import DATA_SOURCES, DataSource
 from llm.registry import ConfigError
@@ -213,10 +214,7 @@ class PreparedDataset:
                 StreamWindows(self.stream, cut, total, seq_len, eos_id, include_partial=True))  # fmt: skip
 
     def copy_tokenizer(self, workdir: str) -> None:
-        src, dst = epath.Path(self.path) / TOKENIZER_DIR, epath.Path(workdir)
-        dst.mkdir(parents=True, exist_ok=True)
-        for f in src.iterdir():
-            (dst / f.name).write_bytes(f.read_bytes())
+        fs.copy_tree(str(epath.Path(self.path) / TOKENIZER_DIR), workdir)
 
 
 @DATA_SOURCES.register("arrayrecord")

@@ -108,9 +108,7 @@ class Trainer:
 
 def param_axes(model, seq_len: int):
     """The parameters' logical axis names (PartitionSpecs), from an abstract init."""
-    dummy = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    boxed = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), dummy)["params"]
-    return nn.get_partition_spec(boxed)
+    return nn.get_partition_spec(state_lib.boxed_abstract_params(model, seq_len))
 
 
 def build_trainer(cfg: RunConfig, mesh: Mesh) -> Trainer:

@@ -70,19 +70,23 @@ def state_shardings(model, tx, seq_len: int, mesh, rules, spike_window: int = 0)
     return abstract, shardings
 
 
+def boxed_abstract_params(model, seq_len: int):
+    """The parameters as ShapeDtypeStructs boxed with their logical axis names (nothing allocated)."""
+    dummy = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    return jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), dummy)["params"]
+
+
 def param_shardings(model, seq_len: int, mesh, rules, boxed_params=None):
     """NamedShardings of the model's parameters, from their logical axis names (no optimizer)."""
     if boxed_params is None:
-        dummy = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-        boxed_params = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), dummy)["params"]
+        boxed_params = boxed_abstract_params(model, seq_len)
     abstract = nn.meta.unbox(boxed_params)
     return sharding.tree_shardings(nn.get_partition_spec(boxed_params), abstract, mesh, rules)
 
 
 def abstract_params(model, seq_len: int, mesh, rules):
     """ShapeDtypeStructs of the parameters carrying their target shardings (what to restore into)."""
-    dummy = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    boxed = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), dummy)["params"]
+    boxed = boxed_abstract_params(model, seq_len)
     return sharded_target(nn.meta.unbox(boxed), param_shardings(model, seq_len, mesh, rules, boxed))
 
 
