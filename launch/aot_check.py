@@ -10,8 +10,12 @@ Topologies: v4:AxBxC, v5p:AxBxC (one JAX device per chip, megacore), v5e:AxB, v6
 With the `libtpu` wheel (`pip install -e .[aot]`) XLA's TPU compiler builds the program for
 compile-only devices of that topology (jax.experimental.topologies) and reports per-device memory
 from `compiled.memory_analysis()`, compared with the chip's HBM. Without libtpu it falls back to as
-many fake CPU devices with the same mesh, says so, and its memory figures are only indicative
-(another compiler, no HBM limit). Exit code: 0 fits, 1 does not fit, 2 bad config, 4 failed to compile.
+many fake CPU devices with the same mesh: the program is checked to compile and shard, but its
+memory comes from another compiler with no HBM limit, so the verdict line says "CPU estimate" and
+never "fits"/"does not fit".
+Exit code: 0 fits (or, on the CPU fallback, the estimate is under the HBM), 1 does not fit (TPU
+compiler), 2 bad config or usage, 3 CPU estimate over the HBM (no TPU verdict: install libtpu),
+4 failed to compile.
 """
 
 from __future__ import annotations
@@ -261,7 +265,12 @@ def check(cfg, topo: Topology, force_cpu: bool = False, log=print) -> dict:
     peak = flops.peak_tflops(devices[0].device_kind, cfg.model.dtype) if not fake else None
     log(f"compiled in {report['compile_s']:.1f} s")
     log("per-device memory: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in mem.items() if k != "peak"))
-    verdict = "fits" if report["fits"] else "does not fit"
+    if fake:  # another compiler's memory plan: an indication, not a verdict
+        verdict = (f"CPU estimate {'under' if report['fits'] else 'OVER'} the HBM, not a TPU verdict "
+                   f"(pip install -e '.[aot]' for libtpu's)")  # fmt: skip
+    else:
+        verdict = "fits" if report["fits"] else "does not fit"
+    report["verdict"] = verdict
     log(
         f"peak ~ {fmt_bytes(mem['peak'])} of {topo.chip.hbm_gib:g} GiB HBM per {topo.chip.name} chip: {verdict}"
     )
@@ -300,9 +309,16 @@ def main(argv: list[str]) -> int:
     if json_out.value:
         with open(json_out.value, "w") as f:
             json.dump(report, f, indent=2)
+    return exit_code(report)
+
+
+def exit_code(report: dict) -> int:
+    """0 fits, 1 does not fit (TPU compiler), 3 CPU estimate over the HBM, 4 failed to compile."""
     if not report["compiles"] and report["fits"] is None:
         return 4
-    return 0 if report["fits"] else 1
+    if report["fits"]:
+        return 0
+    return 3 if report["backend"] == "cpu" else 1
 
 
 if __name__ == "__main__":

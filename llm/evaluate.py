@@ -2,17 +2,18 @@
 
 - held-out loss, perplexity and bits per byte for each named eval set (`heldout` is the run's own
   held-out split; any other entry is a corpus spec, e.g. builtin:the-verdict.txt);
-- multiple-choice log-likelihood scoring in the lm-eval-harness style on `shakespeare_next_line`
-  (built deterministically from tiny Shakespeare's held-out tail: given three lines, pick the true
-  next line among length-matched distractor lines from the same tail): accuracy by total
-  log-likelihood (`acc`) and by log-likelihood per byte (`acc_norm`);
+- multiple-choice log-likelihood scoring in the lm-eval-harness style, built deterministically
+  from tiny Shakespeare's held-out tail: `shakespeare_next_line` (given three lines, pick the true
+  next line among length-matched distractor lines from the same tail: needs sense across lines)
+  and `shakespeare_word_order` (pick the true line among shuffles of its own words: fluency);
+  accuracy by total log-likelihood (`acc`) and by log-likelihood per byte (`acc_norm`);
 - calibration of those choices: expected calibration error of the model's own probabilities of
   the choices (renormalised over the choices) and a reliability diagram;
 - with `--passkey_lengths=2000,8000`: passkey retrieval accuracy over lengths x depths
   (llm/data/passkey.py), a table and a heat map; `loss_by_position` (in Python) gives the held-out
   loss by token position for long windows.
 
-Writes <out>/step_<N>.json and <out>/reliability_step_<N>.png (out defaults to <workdir>/eval).
+Writes <out>/step_<N>.json and <out>/reliability_<task>_step_<N>.png (out defaults to <workdir>/eval).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from llm.data.tokenizers import Tokenizer
 from llm.train.step import eval_step, eval_summary
 
 HELDOUT = "heldout"
-MC_TASK = "shakespeare_next_line"
 MC_CORPUS = "builtin:tinyshakespeare.txt"
 
 
@@ -85,6 +85,19 @@ def _is_verse(line: str, min_chars: int) -> bool:
     return len(s) >= min_chars and not (s.endswith(":") and s[:-1].replace(" ", "").isupper())
 
 
+def _heldout_lines(corpus: str, eval_fraction: float) -> list[str]:
+    docs = sources.read_documents(corpus)
+    return "\n".join(sources.split_documents(docs, eval_fraction)[1]).split("\n")
+
+
+def _spread(targets: list[int], n_examples: int, corpus: str) -> list[int]:
+    """n_examples of the candidate line indices, spread evenly over the held-out tail."""
+    if len(targets) < n_examples:
+        raise ValueError(f"only {len(targets)} candidate lines in the held-out tail of {corpus}; "
+                         f"ask for fewer examples")  # fmt: skip
+    return [targets[j] for j in np.linspace(0, len(targets) - 1, n_examples).round().astype(int)]
+
+
 def next_line_task(
     n_examples: int = 100,
     n_choices: int = 4,
@@ -98,18 +111,14 @@ def next_line_task(
 
     Targets are verse lines that follow another verse line (mid-speech), spread evenly over the
     tail; distractors are other verse lines of the tail whose length is within a factor 1.5 of the
-    true line's (so line length alone does not give the answer), drawn with `seed`.
+    true line's (so line length alone does not give the answer), drawn with `seed`. Hard: it takes
+    sense across lines, and small models score at chance (README "Evaluation suite").
     """
-    docs = sources.read_documents(corpus)
-    tail = sources.split_documents(docs, eval_fraction)[1]
-    lines = "\n".join(tail).split("\n")
+    lines = _heldout_lines(corpus, eval_fraction)
     verse = [i for i, line in enumerate(lines) if _is_verse(line, min_chars)]
     pool = sorted({lines[i].strip() for i in verse})
     targets = [i for i in verse if i >= context_lines and _is_verse(lines[i - 1], 1)]
-    if len(targets) < n_examples:
-        raise ValueError(f"only {len(targets)} candidate lines in the held-out tail of {corpus}; "
-                         f"ask for fewer examples")  # fmt: skip
-    picks = [targets[j] for j in np.linspace(0, len(targets) - 1, n_examples).round().astype(int)]
+    picks = _spread(targets, n_examples, corpus)
     rng = np.random.default_rng(seed)
     lengths = np.array([len(p) for p in pool])
     examples = []
@@ -123,6 +132,44 @@ def next_line_task(
         context = "\n".join(lines[i - context_lines : i]) + "\n"
         examples.append(MCExample(context=context, choices=tuple(choices), gold=gold))
     return examples
+
+
+def word_order_task(
+    n_examples: int = 100,
+    n_choices: int = 4,
+    context_lines: int = 3,
+    seed: int = 0,
+    corpus: str = MC_CORPUS,
+    eval_fraction: float = 0.1,
+    min_words: int = 6,
+) -> list[MCExample]:
+    """Deterministic 'which is the line as written' questions: the true next line against
+    `n_choices - 1` shuffles of its own words (same words, same bytes, so no length or vocabulary
+    cue; only word order, i.e. fluency). Targets as in `next_line_task`, with >= `min_words` words.
+    A language model that has learned anything about English is far above chance here.
+    """
+    lines = _heldout_lines(corpus, eval_fraction)
+    words = [line.split() for line in lines]
+    targets = [i for i in range(context_lines, len(lines))
+               if _is_verse(lines[i], 1) and _is_verse(lines[i - 1], 1) and len(words[i]) >= min_words]  # fmt: skip
+    rng = np.random.default_rng(seed)
+    examples = []
+    for i in _spread(targets, n_examples, corpus):
+        gold_text = " ".join(words[i])
+        distractors: list[str] = []
+        while len(distractors) < n_choices - 1:  # >= 6 words: 720 orders, distinct ones come fast
+            shuffled = " ".join(rng.permutation(words[i]))
+            if shuffled != gold_text and shuffled not in distractors:
+                distractors.append(shuffled)
+        gold = int(rng.integers(n_choices))
+        choices = distractors[:gold] + [gold_text] + distractors[gold:]
+        context = "\n".join(lines[i - context_lines : i]) + "\n"
+        examples.append(MCExample(context=context, choices=tuple(choices), gold=gold))
+    return examples
+
+
+# name -> builder(n_examples, n_choices, seed=...): the multiple-choice tasks `run_suite` can score.
+MC_TASKS = {"shakespeare_next_line": next_line_task, "shakespeare_word_order": word_order_task}
 
 
 @functools.lru_cache(maxsize=8)
@@ -401,6 +448,7 @@ def run_suite(
     mc_examples: int = 100,
     mc_choices: int = 4,
     mc_seed: int = 0,
+    mc_tasks: Sequence[str] = tuple(MC_TASKS),
     n_bins: int = 10,
     out: str | None = None,
     loaded=None,
@@ -436,19 +484,24 @@ def run_suite(
         name = spec if spec == HELDOUT else os.path.basename(spec.removeprefix("builtin:"))
         result["eval_sets"][name] = {"spec": spec, **language_model_metrics(model, params, tok, docs, seq_len,
                                                                             bs, max_batches)}  # fmt: skip
+    unknown = sorted(set(mc_tasks) - set(MC_TASKS))
+    if unknown:
+        raise ValueError(f"unknown multiple-choice task(s) {unknown}; choose from {sorted(MC_TASKS)}")
     if mc_examples:
-        examples = next_line_task(mc_examples, mc_choices, seed=mc_seed)
-        mc = multiple_choice(model, params, tok, examples, seq_len, n_bins=n_bins)
-        result["multiple_choice"] = {MC_TASK: mc}
+        result["multiple_choice"] = {
+            name: multiple_choice(model, params, tok, MC_TASKS[name](mc_examples, mc_choices, seed=mc_seed),
+                                  seq_len, n_bins=n_bins)
+            for name in mc_tasks
+        }  # fmt: skip
     os.makedirs(out, exist_ok=True)
     if passkey_lengths:
         grid = passkey_grid(model, params, tok, passkey_lengths, passkey_depths, passkey_examples)
         grid["heatmap_png"] = os.path.join(out, f"passkey_step_{run.step}.png")
         passkey_heatmap(grid, grid["heatmap_png"], f"passkey retrieval, step {run.step}")
         result["passkey"] = grid
-    if mc_examples:
-        png = os.path.join(out, f"reliability_step_{run.step}.png")
-        reliability_diagram(mc["bins"], png, f"{MC_TASK}, step {run.step}", mc["ece"])
+    for name, mc in result.get("multiple_choice", {}).items():
+        png = os.path.join(out, f"reliability_{name}_step_{run.step}.png")
+        reliability_diagram(mc["bins"], png, f"{name}, step {run.step}", mc["ece"])
         mc["reliability_png"] = png
     return _write_json(result, out, run.step)
 
@@ -626,7 +679,7 @@ def main(argv):
     f = flags.FLAGS
     try:
         result = run_suite(f.workdir, f.step, f.eval_sets, f.max_batches, f.batch_size, f.mc_examples,
-                           f.mc_choices, f.mc_seed, f.bins, f.out,
+                           f.mc_choices, f.mc_seed, f.mc_tasks, f.bins, f.out,
                            passkey_lengths=[int(x) for x in f.passkey_lengths],
                            passkey_depths=[float(x) for x in f.passkey_depths],
                            passkey_examples=f.passkey_examples, answer_tokens=f.answer_tokens)  # fmt: skip
@@ -651,6 +704,7 @@ def _define_flags():
     flags.DEFINE_integer("mc_examples", 100, "Multiple-choice questions (0 = skip the task).")
     flags.DEFINE_integer("mc_choices", 4, "Choices per question.")
     flags.DEFINE_integer("mc_seed", 0, "Seed for the distractors and answer positions.")
+    flags.DEFINE_list("mc_tasks", list(MC_TASKS), f"Multiple-choice tasks, from {', '.join(MC_TASKS)}.")
     flags.DEFINE_integer("bins", 10, "Calibration bins.")
     flags.DEFINE_string("out", None, "Output directory (default: <workdir>/eval).")
     flags.DEFINE_list(
@@ -663,10 +717,10 @@ def _define_flags():
 
 
 def run():
-    from absl import app  # noqa: PLC0415
+    from llm import cli  # noqa: PLC0415
 
     _define_flags()
-    app.run(main)
+    cli.run(main)  # --help exits 0; flag errors are one line, exit 2
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints.")
 _PROMPT = flags.DEFINE_string("prompt", "\n", "Text to continue.")
@@ -56,8 +56,10 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    from llm import cli  # noqa: PLC0415
+
+    cli.run(main)  # --help exits 0; flag errors and a missing run are one line, exit 2
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -63,7 +63,16 @@ def test_cpu_fallback_and_replication_warning(capsys):
     assert report["backend"] == "cpu" and report["compiles"] and report["devices"] == 3
     out = capsys.readouterr().out
     assert "via fake CPU devices" in out
+    # Another compiler's memory plan: an estimate, never the words of a TPU verdict.
+    assert report["verdict"].startswith("CPU estimate") and "not a TPU verdict" in out
+    assert ": fits" not in out and "does not fit" not in out
     assert "warning: the train state is split only ~1 ways, not fsdp*tensor = 3" in out
+
+
+def test_exit_codes_keep_a_cpu_estimate_apart_from_a_tpu_verdict():
+    code = lambda **r: aot_check.exit_code({"compiles": True, "fits": True, "backend": "tpu", **r})  # noqa: E731
+    assert (code(), code(fits=False), code(fits=False, backend="cpu"), code(backend="cpu")) == (0, 1, 3, 0)
+    assert code(compiles=False, fits=None) == 4 and code(compiles=False, fits=False) == 1  # HBM exhausted
 
 
 def test_slices_go_on_dcn_or_fold_into_fake_devices():

@@ -250,6 +250,22 @@ def test_next_line_task_is_deterministic_and_true():
     assert evaluate.next_line_task(n_examples=20, seed=1) != a
 
 
+def test_word_order_task_shuffles_only_the_true_line():
+    a = evaluate.word_order_task(n_examples=20, n_choices=4, seed=0)
+    assert a == evaluate.word_order_task(n_examples=20, n_choices=4, seed=0) and len(a) == 20
+    text = open(os.path.join(ROOT, "llm/data/corpora/tinyshakespeare.txt")).read()
+    tail = text[int(len(text) * 0.9) - 200 :]
+    for ex in a:
+        gold = ex.choices[ex.gold]
+        assert ex.context + gold + "\n" in tail and len(gold.split()) >= 6
+        assert len(set(ex.choices)) == 4
+        # Every distractor: the same multiset of words, so the same bytes; only the order differs.
+        assert all(sorted(ch.split()) == sorted(gold.split()) and len(ch) == len(gold) for ch in ex.choices)
+    assert len({ex.gold for ex in a}) > 1
+    with pytest.raises(ValueError, match="ask for fewer"):
+        evaluate.word_order_task(n_examples=10**6)
+
+
 def test_multiple_choice_scores_match_a_plain_forward_pass(trained):
     import llm
 
@@ -315,6 +331,7 @@ def test_evaluate_cli_writes_json_and_reliability_png(trained):
     r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "shakespeare_next_line: 12 questions x 4 choices" in r.stdout and "ECE" in r.stdout
+    assert "shakespeare_word_order: 12 questions x 4 choices" in r.stdout
     out = json.loads(open(os.path.join(wd, "eval", "step_20.json")).read())
     held = out["eval_sets"]["heldout"]
     # The same 2 batches of 8 that training's final evaluation scored: the same numbers.

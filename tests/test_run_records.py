@@ -75,3 +75,26 @@ def test_sample_says_which_step_it_loaded(run_dir, repo_root):
                        capture_output=True, text=True, cwd=repo_root, env={**os.environ, "JAX_PLATFORMS": "cpu"})  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"sampling {run_dir} at step 3" in p.stderr
+
+
+ENTRY_POINTS = ("llm.train", "llm.sample", "llm.evaluate", "llm.compare", "llm.convert", "llm.data.prepare",
+                "llm.data.passkey", "launch.sweep", "launch.aot_check", "launch.tpu_pod", "launch.slurm",
+                "launch.local_multiprocess")  # fmt: skip
+
+
+def test_every_entry_point_has_help_and_a_bad_flag_is_usage_error_2(repo_root, tmp_path):
+    """--help: usage on stdout, exit 0. An unknown flag (or a missing required one): an error line
+    on stderr, exit 2 (not 1, which commands use for "does not fit" / "failed"). Nothing is
+    created in the working directory."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": repo_root}
+    run = lambda m, a: subprocess.run([sys.executable, "-m", m, a], capture_output=True, text=True,  # noqa: E731
+                                      cwd=tmp_path, env=env, timeout=120)  # fmt: skip
+    bad = {}
+    for m in ENTRY_POINTS:
+        h, u = run(m, "--help"), run(m, "--no_such_flag=1")
+        if h.returncode or "--" not in h.stdout or "Traceback" in h.stderr:
+            bad[m] = ("--help", h.returncode, h.stderr[-300:])
+        elif u.returncode != 2 or "Traceback" in u.stderr or "error" not in u.stderr.strip().splitlines()[-1]:
+            bad[m] = ("bad flag", u.returncode, u.stderr[-300:])
+    assert not bad
+    assert os.listdir(tmp_path) == []

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import shutil
+import tempfile
 
 import jax
+
+from llm import fs
 
 
 class StepProfiler:
@@ -13,10 +16,13 @@ class StepProfiler:
     `first` should be a step after the one that compiles, so the trace shows steady-state steps.
     Besides the TensorBoard `.xplane.pb`, a `perfetto_trace.json.gz` is written, which
     https://ui.perfetto.dev opens without installing anything (see docs/profiling.md).
+    With a `gs://` workdir the trace is written to a local temporary directory and uploaded to
+    <workdir>/profile when it stops (the profiler writes through local file APIs).
     """
 
     def __init__(self, workdir: str, first: int, n: int):
-        self.dir = os.path.join(workdir, "profile")
+        self.dest = fs.join(workdir, "profile")
+        self.dir = tempfile.mkdtemp(prefix="profile_") if fs.is_remote(workdir) and n > 0 else self.dest
         self.first, self.last = first, first + n
         self.active = False
         self.enabled = n > 0 and jax.process_index() == 0
@@ -40,5 +46,8 @@ class StepProfiler:
             jax.block_until_ready(state)
         jax.profiler.stop_trace()
         self.active = False
-        print(f"profile of steps {self.first}..{self.last - 1} written to {self.dir} "
-              f"(tensorboard --logdir {self.dir}, or perfetto_trace.json.gz in ui.perfetto.dev)", flush=True)  # fmt: skip
+        if self.dir != self.dest:
+            fs.copy_tree(self.dir, self.dest)
+            shutil.rmtree(self.dir, ignore_errors=True)
+        print(f"profile of steps {self.first}..{self.last - 1} written to {self.dest} "
+              f"(tensorboard --logdir {self.dest}, or perfetto_trace.json.gz in ui.perfetto.dev)", flush=True)  # fmt: skip
