@@ -41,10 +41,12 @@ class Loaded:
         return generate(self.model, self.params, self.tokenizer, prompt, **kw)
 
 
-def load(workdir: str, step: int | None = None, mesh=None) -> Loaded:
+def load(workdir: str, step: int | None = None, mesh=None, host: bool = False) -> Loaded:
     """Restore a run's checkpoint onto this process's devices (one device unless `mesh` is given).
 
     Parameters are resharded on restore, so a checkpoint written on a pod loads in a notebook.
+    `host=True`: the parameters as numpy arrays read one at a time (memory: one copy plus one
+    array; what conversion uses).
     """
     if not epath.Path(workdir, "checkpoints").is_dir():  # (Orbax would create it: load only reads)
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first (or check the path)")
@@ -59,6 +61,6 @@ def load(workdir: str, step: int | None = None, mesh=None) -> Loaded:
     # checkpoint is combined with its base, read from the run's train.init_from).
     target = params_target(cfg, mesh, model)
     ckpt = run_checkpointer(workdir, cfg, target, async_save=False)
-    params = ckpt.restore_params(step, target)
+    params = ckpt.restore_params_host(step, target) if host else ckpt.restore_params(step, target)
     ckpt.close()
     return Loaded(config=cfg, params=params, tokenizer=load_tokenizer(workdir), model=model, step=step)

@@ -16,6 +16,7 @@ import os
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint._src.path import atomicity
@@ -198,6 +199,38 @@ class Checkpointer:
             adapters = self._restore_params(step, lora.split(abstract_params)[0])
             return lora.combine(self.base(), adapters)
         return self._restore_params(step, abstract_params)
+
+    def restore_params_host(self, step: int, abstract_params, group_bytes: int = 16 << 20):
+        """The parameters at `step` as host numpy arrays, read a group of arrays (<= `group_bytes`,
+        or one larger array) at a time: memory peaks at one copy plus the group being read (a
+        whole-tree restore holds ~1.5 copies while Orbax reads). For conversion/export.
+        Adapter-only LoRA runs and the legacy layout go through `restore_params`."""
+        if self.base or self.is_legacy(step):
+            return jax.tree.map(np.asarray, self.restore_params(step, abstract_params))
+        item_dir = epath.Path(self._item_dir(step, "params"))
+        check_compatible(str(item_dir), abstract_params, step, "params")
+        handler = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+        groups, size = [[]], 0
+        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
+            nbytes = leaf.size * leaf.dtype.itemsize
+            if groups[-1] and size + nbytes > group_bytes:
+                groups, size = [*groups, []], 0
+            groups[-1].append(([k.key for k in path], leaf))
+            size += nbytes
+        out: dict = {}
+        for group in groups:
+            item, args = {}, {}  # the group's leaves at their paths: a partial restore reads only them
+            for keys, leaf in group:
+                _put(item, keys, leaf)
+                _put(args, keys, ocp.RestoreArgs(restore_type=np.ndarray))
+            try:
+                got = handler.restore(item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args,
+                                                                            partial_restore=True))  # fmt: skip
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointCorrupt(f"checkpoint {self.directory}/{step} cannot be restored: {e}") from e
+            for keys, _ in group:
+                _put(out, keys, _at(got, keys))
+        return out
 
     def restore_params_dropping(self, step: int, abstract_params, dropped: tuple[str, ...]):
         """The saved parameters into `abstract_params`, which lacks the top-level subtrees
@@ -419,3 +452,15 @@ def restore_base_params(src: str, step: int | None, base_target):
         return ckpt.restore_params(step, base_target)
     finally:
         ckpt.close()
+
+
+def _put(tree: dict, keys: list, value) -> None:
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+def _at(tree: dict, keys: list):
+    for k in keys:
+        tree = tree[k]
+    return tree

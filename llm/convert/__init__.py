@@ -145,7 +145,7 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None, shard_gb: flo
     from llm.api import load  # noqa: PLC0415
     from llm.model import layout  # noqa: PLC0415
 
-    run = load(workdir, step)
+    run = load(workdir, step, host=True)  # numpy, read array by array: peak ~ one copy
     cfg = run.config.model
     params = run.params
     if cfg.lora.rank:  # adapters folded into the kernels: HF has no place for them

@@ -93,7 +93,7 @@ class ShardedWriter:
             self._data = open(os.path.join(self.directory, f".data-{len(self.shards):05d}.tmp"), "wb")
         self._entries[name] = {"dtype": NAMES[tensor.dtype], "shape": list(tensor.shape),
                                "data_offsets": [self._offset, self._offset + tensor.nbytes]}  # fmt: skip
-        self._data.write(tensor.tobytes())
+        self._data.write(memoryview(tensor.reshape(-1).view(np.uint8)))  # no copy of the tensor
         self._offset += tensor.nbytes
 
     def _flush(self) -> None:
