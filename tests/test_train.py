@@ -166,3 +166,20 @@ def test_read_only_commands_create_nothing_and_notebook_objects_print_short(trai
         tiny.get_config("lama")
     r = repr(load(trained[0]))
     assert len(r) < 300 and "step=20" in r and "params=" in r
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(tmp_path, monkeypatch, capsys):
+    from llm.train import history
+
+    monkeypatch.setattr(history, "native_bf16", lambda: False)
+    train(
+        tiny_cfg(**{"train.steps": 1, "model.matmul_dtype": "bfloat16", "checkpoint.every": 0}),
+        str(tmp_path / "w"),
+    )
+    assert "warning: bf16 matmuls on a CPU without AVX512-BF16/AMX" in capsys.readouterr().out
+    monkeypatch.setattr(history, "native_bf16", lambda: True)
+    train(
+        tiny_cfg(**{"train.steps": 1, "model.matmul_dtype": "bfloat16", "checkpoint.every": 0}),
+        str(tmp_path / "n"),
+    )
+    assert "warning: bf16" not in capsys.readouterr().out

@@ -374,6 +374,11 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
         print(f"model: {n_params:,} parameters | mesh {dict(exp.mesh.shape)} | vocab "
               f"{cfg.model.vocab_size} | {len(exp.train_windows)} train windows of {cfg.data.seq_len} "
               f"tokens | {'resuming at step ' + str(start) if start else 'from scratch'}", flush=True)  # fmt: skip
+        bf16 = "bfloat16" in (cfg.model.dtype, cfg.model.matmul_dtype)
+        if bf16 and jax.default_backend() == "cpu" and not history.native_bf16():
+            print(f"warning: bf16 matmuls on a CPU without AVX512-BF16/AMX ({history.cpu_isa()}): emulated, "
+                  "usually slower than fp32 (train in fp32: model.dtype=float32, model.matmul_dtype unset)",
+                  flush=True)  # fmt: skip
 
     bar = None
     if is_main and cfg.train.progress:
