@@ -127,11 +127,18 @@ def next_line_task(
         ok = np.flatnonzero((lengths >= len(gold_text) / 1.5) & (lengths <= len(gold_text) * 1.5))
         ok = [j for j in ok if pool[j] != gold_text]
         distractors = [pool[j] for j in rng.choice(ok, size=n_choices - 1, replace=False)]
-        gold = int(rng.integers(n_choices))
-        choices = distractors[:gold] + [gold_text] + distractors[gold:]
-        context = "\n".join(lines[i - context_lines : i]) + "\n"
-        examples.append(MCExample(context=context, choices=tuple(choices), gold=gold))
+        examples.append(_question(lines, i, context_lines, gold_text, distractors, rng))
     return examples
+
+
+def _question(lines: list[str], i: int, context_lines: int, gold_text: str, distractors: list[str],
+              rng: np.random.Generator) -> MCExample:  # fmt: skip
+    """The question for line i: the lines before it as context, the gold at a random position."""
+    gold = int(rng.integers(len(distractors) + 1))
+    choices = distractors[:gold] + [gold_text] + distractors[gold:]
+    return MCExample(
+        context="\n".join(lines[i - context_lines : i]) + "\n", choices=tuple(choices), gold=gold
+    )
 
 
 def word_order_task(
@@ -161,10 +168,7 @@ def word_order_task(
             shuffled = " ".join(rng.permutation(words[i]))
             if shuffled != gold_text and shuffled not in distractors:
                 distractors.append(shuffled)
-        gold = int(rng.integers(n_choices))
-        choices = distractors[:gold] + [gold_text] + distractors[gold:]
-        context = "\n".join(lines[i - context_lines : i]) + "\n"
-        examples.append(MCExample(context=context, choices=tuple(choices), gold=gold))
+        examples.append(_question(lines, i, context_lines, gold_text, distractors, rng))
     return examples
 
 

@@ -25,7 +25,13 @@ def cfg_with(**overrides):
 
 
 def test_defaults_convert():
-    for c in (base.get_config(), shakespeare.get_config(), tiny.get_config(), tiny.get_config("llama")):
+    for c in (
+        base.get_config(),
+        shakespeare.get_config(),
+        shakespeare.get_config("gpt2"),
+        tiny.get_config(),
+        tiny.get_config("llama"),
+    ):
         from_config_dict(c)
 
 

@@ -16,7 +16,7 @@ A = "model.attention."
 
 def get_sweep():
     return {
-        "config": "configs/shakespeare.py",
+        "config": "configs/shakespeare.py:gpt2",  # the default model when this sweep ran
         "arms": {
             "baseline": {},
             "qk-norm": {A + "qk_norm": True},

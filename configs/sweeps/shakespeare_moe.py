@@ -16,7 +16,7 @@ MOE = {"model.ffn.kind": "moe", "model.ffn.moe.num_experts": 4, "model.ffn.moe.t
 
 def get_sweep():
     return {
-        "config": "configs/shakespeare.py",
+        "config": "configs/shakespeare.py:gpt2",  # the default model when this sweep ran
         "arms": {
             "dense": {},
             "moe-none": {**MOE, "model.ffn.moe.aux_loss_weight": 0.0, "model.ffn.moe.z_loss_weight": 0.0},

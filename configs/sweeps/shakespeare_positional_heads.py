@@ -10,7 +10,7 @@ the table and plot it produced are in the README ("A real sweep").
 
 def get_sweep():
     return {
-        "config": "configs/shakespeare.py",
+        "config": "configs/shakespeare.py:gpt2",  # the default model when this sweep ran
         "axes": {
             "model.positional": ["learned", "rope", "alibi"],
             "model.attention.n_kv_heads": [1, 4],  # MQA (one shared K/V head) vs MHA (4 heads)
