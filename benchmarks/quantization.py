@@ -1,7 +1,7 @@
 """int8 weight-only quantization: weight bytes and held-out loss, fp32 vs int8, on a trained checkpoint.
 
     python benchmarks/quantization.py --workdir=runs/shakespeare      # an existing run's checkpoint
-    python benchmarks/quantization.py --config=configs/shakespeare.py  # train it first (~8 min, 2 cores)
+    python benchmarks/quantization.py --config=configs/shakespeare.py  # train it first (README "Quick start" times)
     python benchmarks/quantization.py                                  # configs/tiny.py, seconds
 
 Without a checkpoint in --workdir (default: a temporary directory) the config is trained there

@@ -33,3 +33,20 @@ def test_readme_has_python_snippets():
 def test_readme_snippet_runs(index, stand_in, capsys):
     code = python_blocks()[index].replace('"runs/shakespeare"', repr(stand_in))
     exec(compile(code, f"README.md python block {index + 1}", "exec"), {"__name__": "readme"})  # noqa: S102
+
+
+def test_quick_start_figures_come_from_the_results_file():
+    """The README's quick-start times and bits/byte are rendered from benchmarks/results/quickstart.json
+    (benchmarks/quickstart.py measures and renders); no other timing claim in the section."""
+    from benchmarks import quickstart
+
+    text = open(README).read()
+    entries = quickstart.load()
+    assert entries, "no measured quick start in benchmarks/results/quickstart.json"
+    assert quickstart.readme_block(text) == quickstart.render(entries), (
+        "run benchmarks/quickstart.py --render"
+    )
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert not re.search(
+        r"\d+ minutes|bits per byte of ~|~\d\.\d+ bits", section.replace(quickstart.render(entries), "")
+    )
