@@ -183,3 +183,13 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(tmp_path, monkeypatch, capsys):
         str(tmp_path / "n"),
     )
     assert "warning: bf16" not in capsys.readouterr().out
+
+
+def test_eval_every_need_not_be_a_multiple_of_log_every(tmp_path):
+    wd = str(tmp_path / "w")
+    train(
+        tiny_cfg(**{"train.steps": 7, "train.log_every": 4, "train.eval_every": 3, "checkpoint.every": 0}), wd
+    )
+    rows = read_metrics(wd)
+    assert sorted(r["step"] for r in rows if "eval_bpb" in r) == [3, 6, 7]  # 7: the final evaluation
+    assert {r["step"] for r in rows if "loss" in r} >= {3, 4, 6, 7}

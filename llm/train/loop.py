@@ -408,7 +408,11 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
             pending.append(metrics)
             if bar is not None:
                 bar.update(1)
-            logged = step % cfg.train.log_every == 0 or step == end
+            # An evaluation step always logs too, so eval_every need not be a multiple of log_every.
+            eval_due = (
+                bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 and step != cfg.train.steps
+            )
+            logged = step % cfg.train.log_every == 0 or step == end or eval_due
             if logged:
                 host = jax.device_get(pending)
                 pending = []
@@ -426,7 +430,7 @@ def _train(cfg: RunConfig, workdir: str, stop_at: int | None) -> dict[str, Any]:
                     row["loss_spike"] = float(sum(m["loss_spike"] for m in host))
                     row["spikes_total"] = int(jax.device_get(state.monitor["spikes"]))
                 t_window, steps_window = time.perf_counter(), 0
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
+                if eval_due:
                     t_eval = time.perf_counter()
                     row.update(evaluate(exp, eval_fn, state.params))
                     t_window = time.perf_counter()  # keep eval time out of tokens/s
