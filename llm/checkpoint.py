@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint._src.path import atomicity
 
-from llm import fs
+from llm import fs, trees
 from llm.model import lora
 from llm.registry import ConfigError
 
@@ -221,15 +221,15 @@ class Checkpointer:
         for group in groups:
             item, args = {}, {}  # the group's leaves at their paths: a partial restore reads only them
             for keys, leaf in group:
-                _put(item, keys, leaf)
-                _put(args, keys, ocp.RestoreArgs(restore_type=np.ndarray))
+                trees.put(item, keys, leaf)
+                trees.put(args, keys, ocp.RestoreArgs(restore_type=np.ndarray))
             try:
                 got = handler.restore(item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args,
                                                                             partial_restore=True))  # fmt: skip
             except Exception as e:  # noqa: BLE001
                 raise CheckpointCorrupt(f"checkpoint {self.directory}/{step} cannot be restored: {e}") from e
             for keys, _ in group:
-                _put(out, keys, _at(got, keys))
+                trees.put(out, keys, trees.at(got, keys))
         return out
 
     def restore_params_dropping(self, step: int, abstract_params, dropped: tuple[str, ...]):
@@ -452,15 +452,3 @@ def restore_base_params(src: str, step: int | None, base_target):
         return ckpt.restore_params(step, base_target)
     finally:
         ckpt.close()
-
-
-def _put(tree: dict, keys: list, value) -> None:
-    for k in keys[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[keys[-1]] = value
-
-
-def _at(tree: dict, keys: list):
-    for k in keys:
-        tree = tree[k]
-    return tree

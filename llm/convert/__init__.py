@@ -22,18 +22,7 @@ from tqdm.auto import tqdm
 from llm.convert import hf as hf_lib
 from llm.convert.safetensors_io import Reader, ShardedWriter
 from llm.registry import ConfigError
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
-def _get(tree, path: tuple[str, ...]):
-    for k in path:
-        tree = tree[k]
-    return tree
+from llm.trees import at, put
 
 
 def import_tokenizer(hf_dir: str, choice: str | None):
@@ -99,7 +88,7 @@ def import_hf(hf_dir: str, workdir: str, tokenizer: str | None = None, progress:
         for path, value in zip(rule.ours, ours, strict=True):
             # A real copy (not a view of the memory-mapped file), placed as a jax array at once
             # so the tree is held once; the file's pages are released tensor by tensor.
-            _set(params, path, jax.device_put(np.array(value, dtype=dtype, copy=True)))
+            put(params, path, jax.device_put(np.array(value, dtype=dtype, copy=True)))
     _check_shapes(cfg, params)
     os.makedirs(workdir, exist_ok=True)
     tok.save(workdir)
@@ -159,7 +148,7 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None, shard_gb: flo
     writer = ShardedWriter(out_dir, int(shard_gb * (1 << 30)))
     for rule in tqdm(hf_lib.rules_for(cfg.replace(scan_layers=False), arch), desc="export", unit="tensor",
                      disable=not progress):  # fmt: skip
-        for name, value in zip(rule.hf, rule.to_hf([_get(params, p) for p in rule.ours]), strict=True):
+        for name, value in zip(rule.hf, rule.to_hf([at(params, p) for p in rule.ours]), strict=True):
             writer.add(name, np.ascontiguousarray(value))
     files = writer.close()
     with open(os.path.join(out_dir, "config.json"), "w") as f:
