@@ -47,7 +47,8 @@ def host() -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """A GPT-2 style model and batch: learned positions, pre-LayerNorm, GELU MLP, tied embeddings."""
+    """A model and batch, tied embeddings. layout `gpt2`: learned positions, pre-LayerNorm, GELU
+    MLP, biases; `llama` (the default recipe's): RoPE, RMSNorm, SwiGLU (d_ff 8/3 d), no biases."""
 
     d_model: int
     n_layers: int
@@ -56,19 +57,14 @@ class Shape:
     vocab: int
     batch: int
     steps_per_block: int  # optimizer steps in one timed block (a block should take a few seconds)
-
-    def n_params(self) -> int:
-        """All parameters (embeddings included, tied head counted once)."""
-        d, f = self.d_model, 4 * self.d_model
-        per_layer = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d  # qkvo, mlp, two LayerNorms
-        return self.vocab * d + self.seq_len * d + self.n_layers * per_layer + 2 * d
+    layout: str = "gpt2"
 
 
 CONFIGS: dict[str, Shape] = {
     # The 12.3M GPT of the issue (nanoGPT-style reference measured outside the project).
     "gpt12m": Shape(384, 6, 6, 256, 4096, 16, 4),
     # configs/shakespeare.py: the project's default run (vocab = its 2048-piece tokenizer).
-    "shakespeare": Shape(256, 4, 4, 256, 2048, 16, 6),
+    "shakespeare": Shape(256, 4, 4, 256, 2048, 16, 6, layout="llama"),
     # ~100M: GPT-2 small width and depth with a 16k vocabulary.
     "gpt100m": Shape(768, 12, 12, 256, 16384, 8, 2),
     # --quick: checks that everything runs, in seconds.
@@ -94,8 +90,15 @@ def model_config(shape: Shape):
 
     return ModelConfig(
         vocab_size=shape.vocab, d_model=shape.d_model, n_layers=shape.n_layers, max_seq_len=shape.seq_len,
-        attention=AttentionConfig(n_heads=shape.n_heads),
+        attention=AttentionConfig(n_heads=shape.n_heads), **LAYOUTS[shape.layout],
     )  # fmt: skip
+
+
+# The model fields each Shape layout sets (the torch reference builds the same: torch_reference.py).
+LAYOUTS = {
+    "gpt2": {"positional": "learned", "norm": "layernorm", "mlp": "gelu", "use_bias": True},
+    "llama": {"positional": "rope", "norm": "rmsnorm", "mlp": "swiglu", "use_bias": False},
+}
 
 
 def set_path(c, dotted: str, value: str) -> None:

@@ -63,7 +63,7 @@ def main():
     import llm  # noqa: PLC0415
     from llm import runtime  # noqa: PLC0415
     from llm.data import pipeline  # noqa: PLC0415
-    from llm.infer import quantize as quant  # noqa: PLC0415
+    from llm.model import quant  # noqa: PLC0415
     from llm.train import loop  # noqa: PLC0415
 
     runtime.setup()

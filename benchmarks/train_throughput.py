@@ -7,7 +7,10 @@ Run (idle machine):
 Options: --configs=gpt12m,shakespeare,gpt100m --repeats=5 --variant 'NAME:SETTINGS' (extra JAX
 variants to compare, e.g. 'dev1:devices=1', 'nokeep:keepmem=0', 'einsum:model.attention.impl=einsum'
 or 'old:repo=/path/to/another/checkout' for a commit A/B; see --help). --no-torch-keepmem skips timing
-PyTorch with the project's malloc setting (llm/hostmem.py); --no-torch skips PyTorch altogether.
+PyTorch with the project's malloc setting (llm/hostmem.py); --no-torch-compile skips the
+torch.compile (inductor) column; --no-torch skips PyTorch altogether. Each config has a layout
+(benchmarks/common.py): gpt12m and gpt100m are GPT-2 style, shakespeare is the default recipe's
+llama layout; both sides build the same one.
 
 Each framework runs in its own worker process: the JAX one builds the step exactly as `llm.train`
 does (configs/shakespeare.py with the model shape overridden -> llm.train.loop.build ->
@@ -94,10 +97,10 @@ def jax_worker(config: str, precision: str, settings: str, cache: bool) -> None:
     c.model.dtype = "float32"
     c.model.matmul_dtype = "bfloat16" if precision == "bf16" else None
     c.model.dropout = 0.0  # the PyTorch reference has no dropout
-    # The PyTorch reference is GPT-2 style (common.Shape): learned positions, pre-LayerNorm, GELU
-    # MLP, biases. configs/shakespeare.py now trains RoPE/RMSNorm/SwiGLU without biases, so the
-    # layout is pinned here; the default recipe's own speed is benchmarks/quickstart.py's.
-    c.model.positional, c.model.norm, c.model.mlp, c.model.use_bias = "learned", "layernorm", "gelu", True
+    # The shape's layout (common.LAYOUTS), which the PyTorch reference builds too: gpt2 for gpt12m
+    # and gpt100m, llama (RoPE/RMSNorm/SwiGLU, no biases: configs/shakespeare.py's) for shakespeare.
+    for key, value in common.LAYOUTS[shape.layout].items():
+        c.model[key] = value
     c.data.tokenizer.kind = "byte"  # the step does not depend on the tokenizer; skip training one
     c.train.batch_size = shape.batch
     for key, value in opts.items():
@@ -196,13 +199,19 @@ def torch_worker(config: str, precision: str, settings: str = "") -> None:
 
     def setup():
         t0 = time.perf_counter()
+        compiled = parse_settings(settings).get("compile") == "1"
         tr = Trainer(shape.vocab, shape.seq_len, shape.d_model, shape.n_layers, shape.n_heads,
-                     bf16=precision == "bf16", lr=2e-3)  # fmt: skip
+                     bf16=precision == "bf16", lr=2e-3, layout=shape.layout,
+                     d_ff=common.model_config(shape).ffn_dim, compile=compiled)  # fmt: skip
         rng = np.random.default_rng(0)
         batches = [synthetic_batch(rng, shape) for _ in range(4)]
         ctx.update(tr=tr, batches=batches, i=0)
+        t1 = time.perf_counter()
+        if compiled:  # torch.compile builds its kernels at the first call: that step is the compile time
+            b = batches[0]
+            tr.step(torch.from_numpy(b["tokens"]).long(), torch.from_numpy(b["targets"]).long())
         return {
-            "compile_s": 0.0, "build_s": round(time.perf_counter() - t0, 2),
+            "compile_s": round(time.perf_counter() - t1, 2), "build_s": round(t1 - t0, 2),
             "n_params": sum(p.numel() for p in tr.model.parameters()), "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         }  # fmt: skip
@@ -244,6 +253,7 @@ def run_config(name: str, args, meter_pids: list[int]) -> dict:
         workers[label] = common.Worker(SCRIPT, ["--worker=jax", f"--config={name}", f"--precision={args.precision}",
                                                 f"--settings={settings}", *extra], WORKER_ENV)  # fmt: skip
     torch_variants = [("pytorch", "")] + ([("pytorch_keepmem", "keepmem=1")] if args.torch_keepmem else [])
+    torch_variants += [("torch_compile", "compile=1")] if args.torch_compile else []
     torch_variants = torch_variants if args.torch else []
     skipped = {}
     if torch_variants and args.precision == "bf16" and not native_bf16():
@@ -305,6 +315,10 @@ def run_config(name: str, args, meter_pids: list[int]) -> dict:
     ref = out["frameworks"][ref_name]["tokens_per_s"]
     for f in out["frameworks"].values():
         f[f"ratio_vs_{ref_name}"] = f["tokens_per_s"] / ref
+        if "torch_compile" in out["frameworks"]:
+            f["ratio_vs_torch_compile"] = (
+                f["tokens_per_s"] / out["frameworks"]["torch_compile"]["tokens_per_s"]
+            )
     return out
 
 
@@ -351,16 +365,17 @@ def markdown(result: dict) -> str:
         f"### Training throughput, {prec} ({result['machine']['cpu']}, {result['machine']['cores']} cores, "
         f"{result['date']})",
         "",
-        f"| config | params | framework | tokens/s | TFLOP/s | % of matmul peak | vs {ref} | compile s | "
-        "peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| config | layout | params | framework | tokens/s | TFLOP/s | % of matmul peak | vs {ref} | "
+        "vs torch.compile | compile s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["configs"].items():
         for label, f in r["frameworks"].items():
+            vs_compile = f"{f['ratio_vs_torch_compile']:.2f}x" if "ratio_vs_torch_compile" in f else "—"
             lines.append(
-                f"| {name} | {f['n_params'] / 1e6:.1f}M | {label} | {f['tokens_per_s']:,.0f} | {f['tflops']:.3f} | "
-                f"{100 * f['tflops'] / peak:.0f}% | {f['ratio_vs_' + ref]:.2f}x | {f['compile_s']:.1f} | "
-                f"{f['peak_rss_mb']:,.0f} |"
+                f"| {name} | {r['shape'].get('layout', 'gpt2')} | {f['n_params'] / 1e6:.1f}M | {label} | "
+                f"{f['tokens_per_s']:,.0f} | {f['tflops']:.3f} | {100 * f['tflops'] / peak:.0f}% | "
+                f"{f['ratio_vs_' + ref]:.2f}x | {vs_compile} | {f['compile_s']:.1f} | {f['peak_rss_mb']:,.0f} |"
             )
     lines += [f"\n{name}, {label} skipped: {why}" for name, r in result["configs"].items()
               for label, why in r.get("skipped", {}).items()]  # fmt: skip
@@ -390,6 +405,8 @@ def main():
                     help="time the PyTorch reference (--no-torch: only the JAX variants, e.g. 'old:repo=<checkout>')")  # fmt: skip
     ap.add_argument("--torch-keepmem", action=argparse.BooleanOptionalAction, default=True,
                     help="also time PyTorch with the project's host-memory setting (llm/hostmem.py)")  # fmt: skip
+    ap.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the PyTorch reference under torch.compile (inductor)")  # fmt: skip
     ap.add_argument("--max-load", type=float, default=0.15, help="foreign CPU cores tolerated before a block")
     ap.add_argument("--max-wait", type=float, default=900.0, help="seconds to wait for an idle CPU")
     ap.add_argument("--cache", action="store_true", help="allow the persistent compilation cache")

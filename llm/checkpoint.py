@@ -420,8 +420,11 @@ def run_checkpointer(workdir: str, cfg, abstract_params, **kw) -> Checkpointer:
     base = None
     if adapters_only(cfg):
         src, step = parse_init_from(cfg.train.init_from)
-        base_target = lora.split(abstract_params)[1]
-        base = lambda: restore_base_params(src, step, base_target)  # noqa: E731
+        base_target = lora.split(abstract_params)[1]  # (a QLoRA base: int8 QTensors)
+        float_target = lora.unquantized_target(base_target, cfg.model.param_dtype)
+        base = lambda: lora.store_base(
+            restore_base_params(src, step, float_target), base_target, cfg.model.lora
+        )  # noqa: E731
     return Checkpointer(fs.join(workdir, "checkpoints"), base=base, **kw)
 
 

@@ -296,6 +296,9 @@ class RunConfig:
             raise ConfigError(f"train.peak_tflops={t.peak_tflops} must be > 0 (or unset for the chip table)")
         if t.spike_window < 0 or (t.spike_window and t.spike_window < 2):
             raise ConfigError(f"train.spike_window={t.spike_window}: use 0 (off) or a window of >= 2 steps")
+        if m.lora.base_quant != "none" and not t.init_from:
+            raise ConfigError(f"model.lora.base_quant={m.lora.base_quant} quantizes a pretrained base: set "
+                              "train.init_from=<run dir> (the run whose parameters are the frozen base)")  # fmt: skip
         if t.spike_sigmas <= 0:
             raise ConfigError(f"train.spike_sigmas={t.spike_sigmas} must be > 0 (standard deviations)")
         from llm.train import dpo  # noqa: F401, PLC0415 (registers `dpo`; import cycle)

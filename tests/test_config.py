@@ -206,7 +206,7 @@ README_FLAG_VALUES = {
     "model.attention.infini.chunk_segments": 2, "model.rope_scaling.kind": "llama3", "model.rope_scaling.factor": 4.0,
     "model.rope_scaling.low_freq_factor": 2.0, "model.rope_scaling.high_freq_factor": 8.0,
     "model.rope_scaling.original_max_len": 64, "model.lora.rank": 4, "model.lora.alpha": 8.0,
-    "model.lora.dropout": 0.1, "model.lora.targets": ("all_linear",),
+    "model.lora.dropout": 0.1, "model.lora.targets": ("all_linear",), "model.lora.base_quant": "int8",
     "model.head": "classifier", "model.n_classes": 3, "model.pool": "mean",
     "data.classification.labels": ("ham", "spam"), "data.classification.split": (0.8, 0.1, 0.1),
     "data.classification.balanced": True, "data.classification.label_field": "y",

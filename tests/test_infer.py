@@ -10,9 +10,8 @@ from llm import sharding
 from llm.data.tokenizers import ByteTokenizer
 from llm.infer import engine
 from llm.infer import generation as gen
-from llm.infer import quantize as quant
 from llm.infer.engine import Sampling
-from llm.model import AttentionConfig, ModelConfig, Transformer
+from llm.model import AttentionConfig, ModelConfig, Transformer, quant
 from llm.registry import ConfigError
 
 TOL = dict(rtol=1e-4, atol=1e-4)  # fp32: cached decode vs full forward (observed ~3e-6 on O(10) logits)

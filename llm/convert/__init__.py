@@ -140,7 +140,7 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None, shard_gb: flo
     if cfg.lora.rank:  # adapters folded into the kernels: HF has no place for them
         from llm.model import lora  # noqa: PLC0415
 
-        params, cfg = lora.merge(params, cfg.lora), cfg.replace(lora=type(cfg.lora)())
+        params, cfg = lora.merge(params, cfg.lora, cfg.param_dtype), cfg.replace(lora=type(cfg.lora)())
     arch = hf_lib.architecture_of(cfg)
     params = jax.tree.map(np.asarray, params)
     if cfg.scan_layers:
@@ -198,7 +198,7 @@ def merge_lora(workdir: str, out: str, step: int | None = None) -> str:
     m = run.config.model
     cfg = dataclasses.replace(run.config, model=m.replace(lora=type(m.lora)()),
                               train=dataclasses.replace(run.config.train, init_from=None))  # fmt: skip
-    params = jax.tree.map(np.asarray, lora.merge(run.params, m.lora))
+    params = jax.tree.map(np.asarray, lora.merge(run.params, m.lora, m.param_dtype))
     os.makedirs(out, exist_ok=True)
     run.tokenizer.save(out)
     with open(os.path.join(out, "config.json"), "w") as f:

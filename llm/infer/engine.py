@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm import sharding
-from llm.infer import quantize as quant
 from llm.infer.sampling import filter_logits, penalize_repetition
+from llm.model import quant
 
 PAD_MULTIPLE = 16  # prompt lengths are padded up to a multiple of this: fewer recompilations
 

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from llm import sharding
 from llm.infer import engine
 from llm.infer.engine import Sampling
-from llm.infer.quantize import QTensor, is_quantized
+from llm.model.quant import QTensor, is_quantized
 
 
 def prepare_params(model, params, quantize: str | None = None, mesh=None, rules=None):

@@ -140,6 +140,9 @@ class LoRAConfig:
     dropout: float = 0.0  # on the adapter's input, while training
     # aliases attention | attn_qv | mlp | all_linear, or regexes searched in module paths
     targets: tuple[str, ...] = ("attention",)
+    # none | int8: hold the frozen base's layer kernels as int8 with per-channel scales (QLoRA-
+    # style; needs train.init_from, the base to quantize)
+    base_quant: str = "none"
 
 
 @dataclass(frozen=True)
@@ -275,9 +278,13 @@ class ModelConfig:
         _check(lo.rank >= 0 and lo.alpha > 0 and 0 <= lo.dropout < 1,
                f"model.lora: rank >= 0 (0 = off), alpha > 0, 0 <= dropout < 1; got rank={lo.rank}, "
                f"alpha={lo.alpha}, dropout={lo.dropout}")  # fmt: skip
+        _check(lo.rank or lo.base_quant == "none",
+               "model.lora.base_quant quantizes a LoRA run's frozen base: set model.lora.rank > 0 too")  # fmt: skip
         if lo.rank:
             from llm.model import lora as lora_lib  # noqa: PLC0415
 
+            _check(lo.base_quant in lora_lib.BASE_QUANT,
+                   f"model.lora.base_quant={lo.base_quant!r}: choose one of {', '.join(lora_lib.BASE_QUANT)}")  # fmt: skip
             _check(bool(lo.targets), "model.lora.targets is empty; e.g. ('attention',) or ('all_linear',)")
             for t in lo.targets:
                 try:

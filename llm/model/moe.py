@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm.model import channels
+from llm.model import channels, lora
 from llm.model.config import ModelConfig
 from llm.model.layers import dtypes, init, out_proj_std, zeros
 from llm.model.registries import FFN, MLP
@@ -131,10 +131,17 @@ def dense_impl(cfg, w, x_GSD, expert_GSK, gate_GSK, keep_GSK, cap: int | None):
             x_GSD.dtype
         )
 
-    h = ein("gecd,edf->gecf", x_GECD, w["w_in"]) + (w["b_in"][None, :, None] if "b_in" in w else 0)
-    gate = ein("gecd,edf->gecf", x_GECD, w["w_gate"]) if "w_gate" in w else None
+    def proj(name, x_GECI):  # x @ w[name] per expert (+ its LoRA adapters, factored)
+        y_GECO = ein("geci,eio->geco", x_GECI, w[name])
+        if f"{name}_lora" in w:
+            a, b = w[f"{name}_lora"]
+            y_GECO = y_GECO + ein("gecr,ero->geco", ein("geci,eir->gecr", x_GECI, a), b)
+        return y_GECO
+
+    h = proj("w_in", x_GECD) + (w["b_in"][None, :, None] if "b_in" in w else 0)
+    gate = proj("w_gate", x_GECD) if "w_gate" in w else None
     h = constrain(_act(cfg, h, gate), ("act_moe_group", "act_expert", None, "act_mlp"))
-    y_GECD = ein("gecf,efd->gecd", h, w["w_out"]) + (w["b_out"][None, :, None] if "b_out" in w else 0)
+    y_GECD = proj("w_out", h) + (w["b_out"][None, :, None] if "b_out" in w else 0)
     return jnp.einsum("gsec,gecd->gsd", combine_GSEC, y_GECD)
 
 
@@ -190,10 +197,17 @@ def dropless_impl(cfg, w, x_GSD, expert_GSK, gate_GSK, keep_GSK, cap: int | None
     def gmm(a, b):
         return grouped_matmul(a.astype(mm), b.astype(mm), sorted_expert_M, group_sizes_E, x_ND.dtype)
 
-    h_MF = gmm(x_MD, w["w_in"]) + (w["b_in"][sorted_expert_M] if "b_in" in w else 0)
-    gate_MF = gmm(x_MD, w["w_gate"]) if "w_gate" in w else None
+    def proj(name, x_MI):  # rows times their expert's w[name] (+ its LoRA adapters, factored)
+        y_MO = gmm(x_MI, w[name])
+        if f"{name}_lora" in w:
+            a, b = w[f"{name}_lora"]
+            y_MO = y_MO + gmm(gmm(x_MI, a), b)
+        return y_MO
+
+    h_MF = proj("w_in", x_MD) + (w["b_in"][sorted_expert_M] if "b_in" in w else 0)
+    gate_MF = proj("w_gate", x_MD) if "w_gate" in w else None
     h_MF = _act(cfg, h_MF, gate_MF)
-    y_MD = gmm(h_MF, w["w_out"]) + (w["b_out"][sorted_expert_M] if "b_out" in w else 0)
+    y_MD = proj("w_out", h_MF) + (w["b_out"][sorted_expert_M] if "b_out" in w else 0)
     return jnp.zeros((n, d), x_ND.dtype).at[token_M].add(y_MD * weight_M[:, None]).reshape(g, s, d)
 
 
@@ -267,6 +281,10 @@ class MoE(nn.Module):
             w["b_in"] = self.param("b_in", zeros(("expert", "mlp")), (e, f), pdtype)
             w["b_out"] = self.param("b_out", zeros(("expert", "embed")), (e, d), pdtype)
         w = {name: v.astype(dtype) for name, v in w.items()}
+        # LoRA on the experts (model.lora.targets naming w_in/w_gate/w_out): per-expert A, B.
+        shapes = {n: ((e, d, f), in_names) for n in names} | {"w_out": ((e, f, d), out_names)}
+        adapters = lora.expert_adapters(self, shapes, cfg.lora, pdtype)
+        w |= {f"{n}_lora": tuple(x.astype(dtype) for x in ab) for n, ab in adapters.items()}
         impl = MOE_IMPLS.get(m.impl, "model.ffn.moe.impl")
         y_BTD = impl(cfg, w, x_BTD.astype(dtype), expert_BTK, gate_NK.reshape(b, t, k), keep_BTK, cap)
         if m.shared_experts:

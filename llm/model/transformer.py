@@ -77,8 +77,10 @@ class Transformer(nn.Module):
         else:
             ctx = training_context(positions_BT, segment_ids_BT, deterministic)
         if cfg.lora.rank:  # adapters on the targeted linear layers (llm/model/lora.py)
+            # A QLoRA base (int8 layer kernels) is widened inside each layer; at init there is none.
+            widen = cfg.lora.base_quant != "none" and not self.is_initializing()
             with nn.intercept_methods(lora.interceptor(cfg.lora, deterministic)):
-                x_BTD = layer_stack(cfg, x_BTD, ctx)
+                x_BTD = layer_stack(cfg, x_BTD, ctx, dequantize=widen)
         else:
             x_BTD = layer_stack(cfg, x_BTD, ctx)
 
@@ -125,14 +127,15 @@ def classifier_head(cfg: ModelConfig, x_BTD, segment_ids_BT):
     return head(pooled_BD).astype(jnp.float32)
 
 
-def layer_stack(cfg: ModelConfig, x_BTD, ctx):
+def layer_stack(cfg: ModelConfig, x_BTD, ctx, dequantize: bool = False):
     """The layers, as llm/model/layout.py's plan lays them out (called inside Transformer's
-    compact __call__, which becomes the parent of the modules created here)."""
+    compact __call__, which becomes the parent of the modules created here). `dequantize`: the
+    layers' kernels may be int8 QTensors (a QLoRA base), widened per layer inside its remat."""
     plan = layout.plan(cfg)
-    block_cls = Block
+    block_cls = lora.dequantizing(Block, dtypes(cfg)[1]) if dequantize else Block
     policy = REMAT.get(cfg.remat, "model.remat")
     if policy is not None:
-        block_cls = nn.remat(Block, policy=policy(), prevent_cse=not cfg.scan_layers)
+        block_cls = nn.remat(block_cls, policy=policy(), prevent_cse=not cfg.scan_layers)
     n_unrolled = plan.prefix if plan.scanned else len(plan.specs)
     for i in range(n_unrolled):
         x_BTD = block_cls(cfg, plan.specs[i], name=f"layer_{i}")(x_BTD, ctx.replace(layer=i))

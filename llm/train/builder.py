@@ -38,9 +38,11 @@ def optimizer_groups(cfg: RunConfig) -> tuple[str, ...]:
 
 
 def params_target(cfg: RunConfig, mesh: Mesh, model: Transformer | None = None):
-    """The parameters' ShapeDtypeStructs with their shardings on `mesh`: a params-only restore target."""
+    """The parameters' ShapeDtypeStructs with their shardings on `mesh`, in the form the run holds
+    them (a QLoRA base's kernels as int8 QTensors): a params-only restore target."""
     model = model or build_model(cfg)
-    return state_lib.abstract_params(model, cfg.data.seq_len, mesh, cfg.mesh.rules)
+    target = state_lib.abstract_params(model, cfg.data.seq_len, mesh, cfg.mesh.rules)
+    return lora_lib.quantized_target(target, cfg.model.lora)
 
 
 @dataclasses.dataclass
@@ -84,7 +86,11 @@ class Trainer:
         c = self.cfg
         seed = c.train.seed if seed is None else seed
         return state_lib.create_state(self.model, self.tx, c.data.seq_len, self.mesh, self.rules, seed,
-                                      c.train.spike_window)  # fmt: skip
+                                      c.train.spike_window, self.store, self.state_shardings)  # fmt: skip
+
+    def store(self, params):
+        """Float parameters -> the form this run holds them in (a QLoRA base quantized)."""
+        return lora_lib.quantize_base(params, self.cfg.model.lora)
 
     def jit_train_step(self, step_fn=step_lib.train_step):
         """(state, batch) -> (state, metrics), explicit shardings, the state donated."""
@@ -122,5 +128,13 @@ def build_trainer(cfg: RunConfig, mesh: Mesh) -> Trainer:
     )
     abstract, shardings = state_lib.state_shardings(model, tx, cfg.data.seq_len, mesh, cfg.mesh.rules,
                                                     cfg.train.spike_window)  # fmt: skip
+    if cfg.model.lora.base_quant != "none":  # the state holds the base's layer kernels as int8
+        target = lora_lib.quantized_target(
+            state_lib.sharded_target(abstract.params, shardings.params), cfg.model.lora
+        )
+        abstract = abstract.replace(
+            params=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+        )
+        shardings = shardings.replace(params=jax.tree.map(lambda x: x.sharding, target))
     return Trainer(cfg=cfg, mesh=mesh, model=model, tx=tx, schedule=schedule, task=tasks.get(cfg.train.task, cfg),
                    abstract_state=abstract, state_shardings=shardings)  # fmt: skip

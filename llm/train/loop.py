@@ -289,11 +289,14 @@ def init_params_from(spec: str, trainer: Trainer, fresh=None):
     adapters, base_target = lora_lib.split(trainer.params_target())
     if adapters:  # LoRA adapters or a new task head: the base from `src`, the rest fresh
         try:
-            base = restore_base_params(src, step, base_target)
+            base = restore_base_params(
+                src, step, lora_lib.unquantized_target(base_target, trainer.model.cfg.param_dtype)
+            )
         except CheckpointMismatch as e:
             raise ConfigError(
                 f"train.init_from={spec}: its parameters do not fit this model's base ({e.problems})"
             ) from e
+        base = lora_lib.store_base(base, base_target, trainer.cfg.model.lora)  # a QLoRA base: int8
         return lora_lib.combine(base, lora_lib.split(fresh)[0] if fresh is not None else adapters), step
     ckpt = Checkpointer(fs.join(src, "checkpoints"), async_save=False)
     try:

@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from llm import sharding
+from llm.model.quant import QTensor
 
 
 class TrainState(struct.PyTreeNode):
@@ -123,13 +124,25 @@ def _dict_path(path) -> tuple[str, ...]:
     return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def create_state(model, tx, seq_len: int, mesh, rules, seed: int, spike_window: int = 0) -> TrainState:
-    """Initialise directly into the target shardings: no full copy on any one device."""
+def create_state(
+    model, tx, seq_len: int, mesh, rules, seed: int, spike_window: int = 0, store=None, shardings=None
+) -> TrainState:
+    """Initialise directly into the target shardings: no full copy on any one device. `store`
+    maps the initialised params to the form the state holds (a QLoRA base quantized), with
+    `shardings` the state's shardings in that form."""
     init = init_fn(model, tx, seq_len, spike_window)
-    _, shardings = state_shardings(model, tx, seq_len, mesh, rules, spike_window)
+    if shardings is None:
+        _, shardings = state_shardings(model, tx, seq_len, mesh, rules, spike_window)
+
+    def make(rng):
+        state = nn.meta.unbox(init(rng))
+        return state.replace(params=store(state.params)) if store else state
+
     with sharding.activate(mesh, rules):
-        return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(jax.random.PRNGKey(seed))
+        return jax.jit(make, out_shardings=shardings)(jax.random.PRNGKey(seed))
 
 
 def count_params(params) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(params))
+    """Parameters (an int8 QTensor counts its values, not its scales)."""
+    is_q = lambda x: isinstance(x, QTensor)  # noqa: E731
+    return sum(int(x.q.size if is_q(x) else x.size) for x in jax.tree.leaves(params, is_leaf=is_q))

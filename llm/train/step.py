@@ -22,6 +22,7 @@ from llm.model.channels import (
     layer_metrics,
     total_losses,
 )
+from llm.model.quant import QTensor
 from llm.train import recurrent
 from llm.train.state import TrainState
 
@@ -104,16 +105,19 @@ def train_step(
     `task` (llm/train/tasks.py; default language modelling) gives the loss and its normaliser.
     A non-finite loss or gradient leaves params and optimizer state untouched and counts a skip;
     the host loop decides (train.nan_policy) whether to stop or go on. `trainable(params)` (a
-    pytree of bools) drops the gradients of frozen parameters. With a loss-spike monitor
+    pytree of bools) says which parameters are differentiated and updated (the rest is frozen). With a loss-spike monitor
     in the state (train.spike_window > 0) a spiking loss is skipped the same way.
     """
     lm_loss = functools.partial(_loss, z_loss=z_loss) if z_loss else _loss
     normaliser, loss_fn = (scored_tokens, lm_loss) if task is None else (task.normaliser, task.loss)
     n_tokens = normaliser(batch)
     rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    split = Trainable(state.params, trainable)
+    # Differentiate the trainable leaves alone: XLA never forms a frozen parameter's gradient (a
+    # LoRA step does no weight-gradient matmul for its base), and an int8 base needs none.
+    grad_fn = jax.value_and_grad(lambda leaves, *a: loss_fn(split.params(leaves), *a), has_aux=True)
     if grad_accum == 1:
-        (loss, (nll, aux)), grads = grad_fn(state.params, model, batch, rng, n_tokens, 1.0)
+        (loss, (nll, aux)), grads = grad_fn(split.leaves, model, batch, rng, n_tokens, 1.0)
     else:
         # Micro-batch a takes rows a, a+A, a+2A, ...: every micro-batch stays spread over all
         # data-parallel devices (a contiguous split would put each on a subset of them).
@@ -124,13 +128,13 @@ def train_step(
 
         def body(carry, xs):
             mb, i = xs
-            (l, (n, a)), g = grad_fn(state.params, model, mb, jax.random.fold_in(rng, i), n_tokens,
+            (l, (n, a)), g = grad_fn(split.leaves, model, mb, jax.random.fold_in(rng, i), n_tokens,
                                      1.0 / grad_accum)  # fmt: skip
             acc_g, acc_l, acc_n, acc_a = carry
             return (jax.tree.map(jnp.add, acc_g, g), acc_l + l, acc_n + n,
                     jax.tree.map(lambda x, y: x + y / grad_accum, acc_a, a)), None  # fmt: skip
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = jax.tree.map(jnp.zeros_like, split.leaves)
         first = jax.tree.map(lambda x: x[0], micro)
         loss_shape = lambda p, b: loss_fn(p, model, b, rng, n_tokens, 1.0)  # noqa: E731
         _, (_, aux0) = jax.eval_shape(loss_shape, state.params, first)
@@ -139,14 +143,11 @@ def train_step(
             body, (zeros, 0.0, 0.0, aux_zero), (micro, jnp.arange(grad_accum))
         )
 
-    if trainable is not None:
-        # Frozen parameters' gradients are dropped here, before anything reads them, so XLA never
-        # computes them (a LoRA step does no weight-gradient matmul for the frozen base).
-        grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable(grads))
     grad_norm = optax.tree.norm(grads)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    updates, new_opt = tx.update(split.full(grads), state.opt_state, split.view)
+    new_params = split.params([optax.apply_updates(p, u) for p, u in zip(split.leaves, split.pick(updates))])
     # Parameters that layers set outside the optimizer (channels.set_param), then the rest.
-    new_params = apply_param_updates(optax.apply_updates(state.params, updates), aux["param_updates"])
+    new_params = apply_param_updates(new_params, aux["param_updates"])
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     monitor, spike_metrics, apply = state.monitor, {}, finite
     if monitor:
@@ -178,6 +179,44 @@ def train_step(
         **{f"model/{k}": v for k, v in aux["metrics"].items()},
     }  # fmt: skip
     return new_state, metrics
+
+
+class Trainable:
+    """A params tree split into the leaves a step differentiates and updates (`trainable(params)`
+    True; all when `trainable` is None) and the frozen rest, which passes through untouched.
+
+    The optimizer sees `view` / `full(grads)`: the tree with every frozen leaf a scalar zero, so
+    an int8 QTensor of a QLoRA base (one node, two arrays) stands where its float kernel stood
+    when the optimizer state was made; frozen leaves hold no optimizer state either way.
+    """
+
+    def __init__(self, params, trainable=None):
+        is_q = lambda x: isinstance(x, QTensor)  # noqa: E731
+        self._flat, self._treedef = jax.tree.flatten(params, is_leaf=is_q)
+        zero = jnp.zeros((), jnp.float32)
+        self.view = self._treedef.unflatten([zero if is_q(x) else x for x in self._flat])
+        mask = [True] * len(self._flat) if trainable is None else jax.tree.leaves(trainable(self.view))
+        self._index = [i for i, m in enumerate(mask) if m]
+        self.leaves = [self._flat[i] for i in self._index]
+
+    def params(self, leaves):
+        """The full params tree with the trainable leaves replaced by `leaves`."""
+        flat = list(self._flat)
+        for i, x in zip(self._index, leaves, strict=True):
+            flat[i] = x
+        return self._treedef.unflatten(flat)
+
+    def full(self, leaves):
+        """`view`'s structure with `leaves` at the trainable places and scalar zeros elsewhere."""
+        flat = [jnp.zeros((), jnp.float32)] * len(self._flat)
+        for i, x in zip(self._index, leaves, strict=True):
+            flat[i] = x
+        return self._treedef.unflatten(flat)
+
+    def pick(self, tree):
+        """The trainable leaves of a tree of `view`'s structure."""
+        flat = self._treedef.flatten_up_to(tree)
+        return [flat[i] for i in self._index]
 
 
 def eval_step(params, batch, *, model, token_bytes):

@@ -27,6 +27,7 @@ QUANT_KINDS = ("none", "int8")
 # Leading (contracted) axes of a kernel, by the name of the module that owns it. A kernel not
 # listed here contracts its first axis (Dense: D->F, DenseGeneral q/k/v: D->(N,H)).
 CONTRACTED_AXES: dict[str, int] = {"out": 2}  # attention output: (N, H) -> D
+EXPERT_WEIGHTS = ("w_in", "w_gate", "w_out")  # MoE experts' matrices (llm/model/moe.py)
 
 
 @struct.dataclass
@@ -54,7 +55,7 @@ def quantize_tensor(w, contracted: tuple[int, ...]) -> QTensor:
     return QTensor(q=q, scale=scale)
 
 
-def _contracted_axes(path: tuple[str, ...], leaf) -> tuple[int, ...] | None:
+def contracted_axes(path: tuple[str, ...], leaf) -> tuple[int, ...] | None:
     """Axes to reduce for the scale of this leaf, or None to keep it in floating point."""
     if leaf.ndim < 2 or not jnp.issubdtype(leaf.dtype, jnp.floating):
         return None
@@ -63,13 +64,15 @@ def _contracted_axes(path: tuple[str, ...], leaf) -> tuple[int, ...] | None:
         # Rows are tokens: one scale per row serves the lookup and the tied output projection
         # (logits = x E^T contracts the embed axis, so a row is an output channel there).
         return tuple(range(1, leaf.ndim))
+    # Under scan_layers the stacked block has the repeat index as its leading axis: each layer
+    # keeps its own scales.
+    lead = 1 if path and path[0] == layout.SCANNED else 0
     if name == "kernel":
         owner = path[-2] if len(path) > 1 else ""
         n = CONTRACTED_AXES.get(owner, 1)
-        # Under scan_layers the stacked block has the repeat index as its leading axis: each
-        # layer keeps its own scales.
-        lead = 1 if path and path[0] == layout.SCANNED else 0
         return tuple(range(lead, lead + n))
+    if name in EXPERT_WEIGHTS:  # routed experts [E, in, out]: per expert and output channel
+        return (lead + 1,)
     return None
 
 
@@ -84,7 +87,7 @@ def quantize_params(params: Any, kind: str = "int8") -> Any:
         if isinstance(leaf, QTensor):
             return leaf
         names = tuple(str(getattr(k, "key", k)) for k in path)
-        axes = _contracted_axes(names, leaf)
+        axes = contracted_axes(names, leaf)
         return leaf if axes is None else quantize_tensor(leaf, axes)
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, QTensor))
