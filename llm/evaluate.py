@@ -86,8 +86,7 @@ def _is_verse(line: str, min_chars: int) -> bool:
 
 
 def _heldout_lines(corpus: str, eval_fraction: float) -> list[str]:
-    docs = sources.read_documents(corpus)
-    return "\n".join(sources.split_documents(docs, eval_fraction)[1]).split("\n")
+    return "\n".join(sources.split_corpus(corpus, eval_fraction)[1]).split("\n")
 
 
 def _spread(targets: list[int], n_examples: int, corpus: str) -> list[int]:

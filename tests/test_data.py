@@ -243,3 +243,21 @@ def test_a_new_data_source_and_file_format_are_one_registered_thing_each(tmp_pat
     assert len(tw) > 0 and len(ew) > 0 and bytes(tw[0]["tokens"][:4].tolist()) == b"LINE"
     with pytest.raises(Exception, match=r"unknown data source kind 'arrayrecrd' \(config field data.kind\)"):
         DataConfig(kind="arrayrecrd")
+
+
+def test_each_corpus_entry_holds_out_its_own_tail(tmp_path):
+    """A mixture of many short documents and one long text: each entry keeps its last tenth for
+    the held-out split (one list of 101 documents would have held out the long text whole)."""
+    import json
+
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join(json.dumps({"text": f"doc {i} " * 5}) + "\n" for i in range(100)))
+    long_text = "".join(f"line {i} of the long text\n" for i in range(1000))
+    (tmp_path / "long.txt").write_text(long_text)
+    train, held = sources.split_corpus(f"{many},{tmp_path / 'long.txt'}", 0.1)
+    assert [d for d in held if d.startswith("doc")] == [f"doc {i} " * 5 for i in range(90, 100)]
+    long_train = [d for d in train if d.startswith("line")]
+    long_held = [d for d in held if d.startswith("line")]
+    assert len(long_train) == len(long_held) == 1
+    assert long_train[0] + long_held[0] == long_text and long_held[0].startswith("line 9")
+    assert 0.09 < len(long_held[0]) / len(long_text) < 0.11

@@ -136,6 +136,19 @@ def split_documents(docs: list[str], eval_fraction: float) -> tuple[list[str], l
     return train, held
 
 
+def split_corpus(spec: str, eval_fraction: float, text_field: str = "text") -> tuple[list[str], list[str]]:
+    """(train, held-out) documents of a corpus spec, each comma-separated entry split on its own
+    (`split_documents`): in `passkeys.jsonl,builtin:tinyshakespeare.txt` the 8,000 passkey
+    documents hold out their last tenth and Shakespeare, one long text, its own tail (split as
+    one list, the held-out tenth of 8,001 documents would be Shakespeare whole)."""
+    train, held = [], []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        t, h = split_documents(read_documents(part, text_field), eval_fraction)
+        train += t
+        held += h
+    return train, held
+
+
 class DataSource:
     """Interface: `documents()` -> (train, held-out) texts; `windows(tok)` -> (train, held-out)
     `pipeline.PackedWindows`-like random-access sources of examples."""
@@ -153,17 +166,19 @@ class DataSource:
 @DATA_SOURCES.register("text")
 class TextSource(DataSource):
     """Files and globs of text (`data.corpus`); the held-out split is `data.eval_corpus` or the
-    last `data.eval_fraction` of the corpus. Documents are tokenized, joined with EOS and packed
+    last `data.eval_fraction` of each comma-separated entry of the corpus (`split_corpus`). Documents are tokenized, joined with EOS and packed
     into windows of `data.seq_len` + 1 tokens."""
 
     def documents(self) -> tuple[list[str], list[str]]:
         if not hasattr(self, "_docs"):
             c = self.cfg
-            docs = read_documents(c.corpus, c.text_field)
             if c.eval_corpus:
-                self._docs = docs, read_documents(c.eval_corpus, c.text_field)
+                self._docs = (
+                    read_documents(c.corpus, c.text_field),
+                    read_documents(c.eval_corpus, c.text_field),
+                )
             else:
-                self._docs = split_documents(docs, c.eval_fraction)
+                self._docs = split_corpus(c.corpus, c.eval_fraction, c.text_field)
         return self._docs
 
     def windows(self, tok):
