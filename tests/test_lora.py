@@ -242,13 +242,35 @@ def test_qlora_holds_the_base_in_int8_and_trains_only_adapters(qlora_run):
     assert any(np.abs(np.asarray(v)).max() > 0 for k, v in stored.items() if "lora_b" in k)
 
 
+def _int8_and_float_steps(cfg, qcfg, tokens, qparams):
+    """One jitted LoRA train step over the int8 base (`qcfg`) and one over its widened float copy
+    (`cfg`), same batch, optimizer and initial state: ((state, metrics), (state, metrics))."""
+    from llm.config import OptimConfig
+    from llm.model.quant import dequantize
+    from llm.train import optimizer, step
+    from llm.train.state import TrainState
+
+    t = tokens.shape[1]
+    batch = {"tokens": tokens, "targets": tokens, "positions": jnp.broadcast_to(jnp.arange(t), tokens.shape),
+             "segment_ids": jnp.ones(tokens.shape, jnp.int32), "loss_mask": jnp.ones(tokens.shape)}  # fmt: skip
+    groups = lora.OPTIMIZER_GROUPS
+    tx, sched = optimizer.make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10, groups)
+    zero = jnp.zeros((), jnp.int32)
+    widened = dequantize(qparams)
+    out = []
+    for model, p in ((Transformer(qcfg), qparams), (Transformer(cfg), widened)):
+        state = TrainState(
+            step=zero, params=p, opt_state=tx.init(widened), rng=jax.random.PRNGKey(0), skipped=zero
+        )
+        out.append(jax.jit(lambda s, model=model: step.train_step(
+            s, batch, model=model, tx=tx, schedule=sched, trainable=optimizer.trainable_mask(OptimConfig(), groups)))(state))  # fmt: skip
+    return out
+
+
 def test_qlora_step_equals_lora_on_the_dequantized_base():
     """One jitted step with an int8 base vs the same step on its widened float copy: same loss,
     same adapter updates; the int8 base passes through bit for bit."""
-    from llm.config import OptimConfig
-    from llm.model.quant import QTensor, dequantize
-    from llm.train import optimizer, step
-    from llm.train.state import TrainState
+    from llm.model.quant import QTensor
 
     lo = LoRAConfig(rank=2, targets=("all_linear",))
     cfg = ModelConfig(vocab_size=61, d_model=24, n_layers=3, positional="rope", norm="rmsnorm", mlp="swiglu",
@@ -259,24 +281,11 @@ def test_qlora_step_equals_lora_on_the_dequantized_base():
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 0.05 if "lora_b" in jax.tree_util.keystr(p) else x, params)  # fmt: skip
     qparams = lora.quantize_base(params, qcfg.lora)
-    widened = dequantize(qparams)
     n_q = sum(
         isinstance(x, QTensor) for x in jax.tree.leaves(qparams, is_leaf=lambda x: isinstance(x, QTensor))
     )
     assert n_q == 7  # q, k, v, out, gate, up, down of the scanned stack
-    batch = {"tokens": tokens, "targets": tokens, "positions": jnp.broadcast_to(jnp.arange(9), (2, 9)),
-             "segment_ids": jnp.ones((2, 9), jnp.int32), "loss_mask": jnp.ones((2, 9))}  # fmt: skip
-    groups = lora.OPTIMIZER_GROUPS
-    tx, sched = optimizer.make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10, groups)
-    zero = jnp.zeros((), jnp.int32)
-    out = {}
-    for name, model, p in (("q", Transformer(qcfg), qparams), ("f", Transformer(cfg), widened)):
-        state = TrainState(
-            step=zero, params=p, opt_state=tx.init(widened), rng=jax.random.PRNGKey(0), skipped=zero
-        )
-        out[name] = jax.jit(lambda s, model=model: step.train_step(
-            s, batch, model=model, tx=tx, schedule=sched, trainable=optimizer.trainable_mask(OptimConfig(), groups)))(state)  # fmt: skip
-    (qnew, qm), (fnew, fm) = out["q"], out["f"]
+    (qnew, qm), (fnew, fm) = _int8_and_float_steps(cfg, qcfg, tokens, qparams)
     np.testing.assert_allclose(float(qm["loss"]), float(fm["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(qm["grad_norm"]), float(fm["grad_norm"]), rtol=1e-5)
     qa, fa = _leaves(lora.split(qnew.params)[0]), _leaves(lora.split(fnew.params)[0])
@@ -366,10 +375,7 @@ def test_expert_adapters_equal_the_reference_on_merged_expert_weights(impl):
 def test_moe_qlora_quantizes_experts_and_trains_only_their_adapters():
     """A scanned MoE model, LoRA on the experts over an int8 base: the experts' matrices are
     QTensors, one step moves only the adapters and matches the float model on the widened base."""
-    from llm.config import OptimConfig
-    from llm.model.quant import QTensor, dequantize
-    from llm.train import optimizer, step
-    from llm.train.state import TrainState
+    from llm.model.quant import QTensor
     from tests.test_moe import moe_cfg
 
     lo = LoRAConfig(rank=2, targets=("experts",))
@@ -382,20 +388,7 @@ def test_moe_qlora_quantizes_experts_and_trains_only_their_adapters():
     assert all(isinstance(mlp[n], QTensor) for n in ("w_in", "w_gate", "w_out"))
     assert mlp["w_in"].scale.shape == (2, 4, 1, 24)  # per layer, expert and output channel
     assert not isinstance(mlp["router"], QTensor) and "lora_a" in mlp["w_in_lora"]
-    batch = {"tokens": tokens, "targets": tokens, "positions": jnp.broadcast_to(jnp.arange(9), (2, 9)),
-             "segment_ids": jnp.ones((2, 9), jnp.int32), "loss_mask": jnp.ones((2, 9))}  # fmt: skip
-    groups = lora.OPTIMIZER_GROUPS
-    tx, sched = optimizer.make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10, groups)
-    zero = jnp.zeros((), jnp.int32)
-    widened = dequantize(qparams)
-    out = {}
-    for name, model, p in (("q", Transformer(qcfg), qparams), ("f", Transformer(cfg), widened)):
-        state = TrainState(
-            step=zero, params=p, opt_state=tx.init(widened), rng=jax.random.PRNGKey(0), skipped=zero
-        )
-        out[name] = jax.jit(lambda s, model=model: step.train_step(
-            s, batch, model=model, tx=tx, schedule=sched, trainable=optimizer.trainable_mask(OptimConfig(), groups)))(state)  # fmt: skip
-    (qnew, qm), (fnew, fm) = out["q"], out["f"]
+    (qnew, qm), (fnew, fm) = _int8_and_float_steps(cfg, qcfg, tokens, qparams)
     np.testing.assert_allclose(float(qm["loss"]), float(fm["loss"]), rtol=1e-6)
     before, after = _leaves(qparams), _leaves(qnew.params)
     changed = {k for k in after if not np.array_equal(after[k], before[k])}
