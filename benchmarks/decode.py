@@ -16,7 +16,8 @@ Engines, all greedy from the same random prompt of `--prompt_len` tokens:
 - recompute: no cache, every step runs the full forward pass over a fixed window of
   prompt_len + new_tokens tokens (what the previous windowed sampler did, there with max_seq_len).
   Its per-step cost is constant, so it is timed over `--recompute_steps` steps;
-- hf: transformers GPT2LMHeadModel.generate(use_cache=True) in torch on CPU, same shape.
+- hf: transformers GPT2LMHeadModel.generate(use_cache=True) in torch on CPU, same shape;
+- hf-compile: the same with the forward under torch.compile (inductor) and a static KV cache.
 
 Timing is wall clock after a warm-up call (compilation excluded). Before each timed block the
 script waits until other processes use less than `--max_foreign` cores, and it measures the CPU
@@ -161,7 +162,10 @@ def recompute_fn(model, new_tokens: int, steps: int):
     return run
 
 
-def hf_setup(preset: str, threads: int):
+def hf_setup(preset: str, threads: int, compiled: bool = False):
+    """transformers' generate(); `compiled`: its forward under torch.compile (inductor) with a
+    static KV cache, the way Hugging Face documents compiled generation (fixed shapes: one compile
+    for the prefill, one for the decode step, both in the warm-up call)."""
     import torch  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
@@ -171,13 +175,17 @@ def hf_setup(preset: str, threads: int):
     cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=ctx, n_embd=d, n_layer=layers, n_head=heads,
                                   bos_token_id=vocab - 1, eos_token_id=vocab - 1)  # fmt: skip
     model = transformers.GPT2LMHeadModel(cfg).eval()
+    extra = {}
+    if compiled:
+        model.forward = torch.compile(model.forward, dynamic=False)
+        extra = {"cache_implementation": "static"}
 
     def run(tokens_BP, new_tokens):
         with torch.inference_mode():
             ids = torch.as_tensor(tokens_BP, dtype=torch.long)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=0)  # fmt: skip
+                                 pad_token_id=0, **extra)  # fmt: skip
         assert out.shape[1] == ids.shape[1] + new_tokens
         return out
 
@@ -195,7 +203,7 @@ def main():
     ap.add_argument("--new_tokens", type=int, default=256)
     ap.add_argument("--prompt_len", type=int, default=16)
     ap.add_argument("--recompute_steps", type=int, default=16, help="steps timed for the no-cache engine")
-    ap.add_argument("--engines", default="cached,cached-int8,recompute,hf")
+    ap.add_argument("--engines", default="cached,cached-int8,recompute,hf,hf-compile")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     ap.add_argument("--max_foreign", type=float, default=0.25, help="cores other processes may use")
@@ -218,7 +226,7 @@ def main():
             "dtype": "float32", "weights": "random", "decoding": "greedy"}  # fmt: skip
     print(f"decode benchmark: {meta}", flush=True)
     results = []
-    jm = params = qparams = hf = None
+    jm = params = qparams = hf = hf_compiled = None
     if any(e in engines for e in ("cached", "cached-int8", "recompute")):
         jm, params = jax_model(args.preset)
     if "cached-int8" in engines:
@@ -227,6 +235,9 @@ def main():
         qparams = jax.block_until_ready(engine.quantize_jit(params, "int8"))
     if "hf" in engines:
         hf, versions = hf_setup(args.preset, args.threads)
+        meta.update(versions)
+    if "hf-compile" in engines:
+        hf_compiled, versions = hf_setup(args.preset, args.threads, compiled=True)
         meta.update(versions)
 
     for b in batches:
@@ -239,10 +250,13 @@ def main():
             elif name == "recompute":
                 fn = recompute_fn(jm, args.new_tokens, args.recompute_steps)
                 fargs, n = (params, tokens_BP), args.recompute_steps
-            elif name == "hf":
-                fn, fargs, n = hf, (tokens_BP, args.new_tokens), args.new_tokens
+            elif name in ("hf", "hf-compile"):
+                fn = hf if name == "hf" else hf_compiled
+                fargs, n = (tokens_BP, args.new_tokens), args.new_tokens
             else:
-                raise SystemExit(f"unknown engine {name!r}; choose from cached, cached-int8, recompute, hf")
+                raise SystemExit(
+                    f"unknown engine {name!r}; choose from cached, cached-int8, recompute, hf, hf-compile"
+                )
             print(f"[batch {b}] {name}: warm-up (compile)", flush=True)
             t0 = time.perf_counter()
             fn(*fargs)

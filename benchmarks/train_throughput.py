@@ -269,6 +269,8 @@ def run_config(name: str, args, meter_pids: list[int]) -> dict:
     meter = common.LoadMeter(meter_pids)
     info, blocks = {}, {k: [] for k in workers}
     try:
+        for w in workers.values():
+            w.ready()
         for label, w in workers.items():  # one at a time: compile times are not contended
             meter.wait_idle(args.max_load, args.max_wait)
             info[label] = w.call(cmd="setup")
@@ -338,6 +340,8 @@ def matmul_peaks(args, meter_pids) -> dict:
     meter = common.LoadMeter(meter_pids)
     out = {}
     try:
+        for _, w in pairs:
+            w.ready()
         for dtype in ("float32", "bfloat16"):
             for label, w in pairs:
                 meter.wait_idle(args.max_load, args.max_wait)
