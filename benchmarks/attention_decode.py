@@ -37,6 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from benchmarks.decode import SHAPES, cached_fn, timed  # noqa: E402
 
 MLA = dict(kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64)
@@ -82,11 +83,6 @@ def cache_bytes_per_token(model, max_len: int) -> int:
     return total // max_len
 
 
-def _isa() -> str:
-    flags = set(open("/proc/cpuinfo").read().split())
-    return ("AVX-512" if "avx512f" in flags else "AVX2") + (" + AMX" if "amx_bf16" in flags else "")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="gpt2-124m", choices=sorted(SHAPES))
@@ -106,7 +102,7 @@ def main() -> int:
     meta = {"preset": a.preset, "batch": a.batch, "new_tokens": a.new_tokens, "prompt_lens": prompts,
             "cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
             "backend": jax.default_backend(), "dtype": "float32", "mla": MLA,
-            "cpu_isa": _isa()}  # fmt: skip
+            "cpu_isa": common.host()["isa"]}  # fmt: skip
     print(f"attention decode benchmark: {meta}", flush=True)
     results = []
     for name in a.layouts.split(","):

@@ -91,7 +91,7 @@ def main():
         + f"\nCache entries written by the cold run: {runs['cold']['cache_files']} "
         f"(jax_compilation_cache_dir set by llm.runtime.setup()).\n"
     )
-    common.write_results("compile_time", runs, md)
+    common.write_results("compile_time", runs | {"host": common.host()}, md)
 
 
 if __name__ == "__main__":

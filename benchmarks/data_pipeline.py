@@ -114,7 +114,7 @@ def main():
     result = {
         "config": "configs/shakespeare.py", "steps": args.steps, "runs": runs, "median_tokens_per_s": med,
         "real_vs_synthetic": med["real"] / med["synthetic"], "date": time.strftime("%Y-%m-%d %H:%M"),
-        "max_foreign_during": max(r["load_during"]["foreign_cores"] for r in runs),
+        "max_foreign_during": max(r["load_during"]["foreign_cores"] for r in runs), "host": common.host(),
     }  # fmt: skip
     md = (
         "| data | tokens/s (median) |\n|---|---|\n"

@@ -43,6 +43,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+from benchmarks import common  # noqa: E402
+
 SHAPES = {
     # name: (vocab, d_model, layers, heads, max_seq_len)
     "gpt2-124m": (50257, 768, 12, 12, 1024),
@@ -223,7 +225,7 @@ def main():
     meta = {"preset": args.preset, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
             "recompute_steps": args.recompute_steps, "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "processor": platform.processor(), "jax": jax.__version__, "jax_backend": jax.default_backend(),
-            "dtype": "float32", "weights": "random", "decoding": "greedy"}  # fmt: skip
+            "dtype": "float32", "weights": "random", "decoding": "greedy", "host": common.host()}  # fmt: skip
     print(f"decode benchmark: {meta}", flush=True)
     results = []
     jm = params = qparams = hf = hf_compiled = None

@@ -366,7 +366,8 @@ def markdown(result: dict) -> str:
         else "project"
     )
     lines = [
-        f"### Training throughput, {prec} ({result['machine']['cpu']}, {result['machine']['cores']} cores, "
+        f"### Training throughput, {prec} ({result['machine']['cpu']}, {result['machine'].get('isa', '?')}, "
+        f"{result['machine']['cores']} cores, "
         f"{result['date']})",
         "",
         f"| config | layout | params | framework | tokens/s | TFLOP/s | % of matmul peak | vs {ref} | "
@@ -436,7 +437,7 @@ def main():
     result = {
         "precision": args.precision, "repeats": args.repeats, "warmup": args.warmup, "max_load": args.max_load,
         "date": time.strftime("%Y-%m-%d %H:%M"), "start_load": start_load,
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": common.host() | {"python": platform.python_version()},
         "configs": {},
     }  # fmt: skip
     if not args.no_matmul:
@@ -458,17 +459,6 @@ def main():
     if result["blocks_not_idle"]:
         print(f"WARNING: {result['blocks_not_idle']} timed blocks started while other processes used the "
               f"CPU (> {args.max_load} cores): these numbers are not clean.", flush=True)  # fmt: skip
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
