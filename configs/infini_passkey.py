@@ -18,7 +18,14 @@ learnable at this budget?); `mixed`: layers alternating sliding-window (64) and 
 of 64), so copying can be learned by the local layers and the memory only has to carry the key. Infini's gates train with 10x the learning rate and no weight decay
 (Hugging Face's reproduction found retrieval needs both).
 Reaches (measured, README "Experiment: passkey retrieval"): infini 0 in all 15 cells; local 0.80-0.95
-where the key is inside its window, 0 beyond; causal 1.00 in 5 cells, 0.10-0.23 in 5 more.
+where the key is inside its window, 0 beyond; causal 1.00 in 5 cells, 0.10-0.23 in 5 more. A rerun
+of `local` on another host scored 0 everywhere: retrieval needs the copy skill, which appears as a
+sudden loss drop (~0.105 -> ~0.07) at steps 800-1,000 in some runs and not within 1,500 in others.
+Arms of 2026-12-01, by flag: --config.model.attention.infini.memory_positional=True,
+--config.model.attention.infini.gate_init=-3.0, and a curriculum (passkey_short.jsonl from
+`python -m llm.data.passkey --out=runs/data/passkey_short.jsonl --n=8000 --min_chars=0
+--max_chars=60 --seed=1`, 500 steps with --config.data.corpus=runs/data/passkey_short.jsonl, then
+1,000 with --config.train.init_from=<that run>); all 0 in all cells.
 """
 
 from configs import base
