@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -57,7 +56,7 @@ def median_seconds(fn, *args, reps: int) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return common.median(times)
 
 
 def measure(shape: common.Shape, mesh: Mesh, reps: int) -> dict:

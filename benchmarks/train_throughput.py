@@ -366,7 +366,7 @@ def markdown(result: dict) -> str:
         else "project"
     )
     lines = [
-        f"### Training throughput, {prec} ({result['machine']['cpu']}, {result['machine'].get('isa', '?')}, "
+        f"### Training throughput, {prec} ({result['machine']['cpu']}, {result['machine']['isa']}, "
         f"{result['machine']['cores']} cores, "
         f"{result['date']})",
         "",
