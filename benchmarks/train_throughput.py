@@ -54,6 +54,8 @@ def jax_worker(config: str, precision: str, settings: str, cache: bool) -> None:
         os.environ["LLM_KEEP_FREED_MEMORY"] = opts.pop("keepmem")
     if "xla" in opts:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + opts.pop("xla")).strip()
+    for key in [k for k in opts if k.startswith("env.")]:  # any environment variable, e.g. env.PJRT_NPROC=3
+        os.environ[key[4:]] = opts.pop(key)
     from llm import runtime  # noqa: PLC0415
 
     runtime.configure_cpu()  # the project's CPU defaults, as the CLI applies them
@@ -404,7 +406,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per worker after compiling")
     ap.add_argument("--quick", action="store_true", help="tiny config, 1 repeat: checks that it works")
     ap.add_argument("--variant", action="append", default=[],
-                    help="extra JAX variant 'NAME:k=v;k=v' with k = devices | xla (extra XLA_FLAGS) | keepmem=0 | dots=off | attn_dots=off "
+                    help="extra JAX variant 'NAME:k=v;k=v' with k = devices | xla (extra XLA_FLAGS) | env.VAR (an environment variable) | keepmem=0 | dots=off | attn_dots=off "
                          "| a config path such as model.attention.impl or model.remat")  # fmt: skip
     ap.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
                     help="time the PyTorch reference (--no-torch: only the JAX variants, e.g. 'old:repo=<checkout>')")  # fmt: skip

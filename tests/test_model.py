@@ -137,6 +137,29 @@ def test_rope_scores_depend_only_on_relative_position():
     assert abs(score(5, 2) - score(6, 2)) > 1e-3  # and it does depend on the offset
 
 
+def test_rope_tables_are_exact_at_any_position_and_with_llama3_scaling():
+    """The CPU path (constant sin/cos tables, angle addition) against float64 math: positions from
+    negative to 2^24 - 1, with and without Llama-3.1 frequency scaling."""
+    from llm.model.config import RopeScalingConfig  # noqa: PLC0415
+    from llm.model.positional import rope_inv_freq  # noqa: PLC0415
+
+    assert jax.default_backend() == "cpu"
+    rs = np.random.RandomState(6)
+    x = rs.randn(2, 6, 3, 16).astype(np.float32)
+    pos = np.array([[0, 1, 4095, 4096, 70_001, -3], [123_457, 2**20 + 9, 2**24 - 1, 17, 255, 4097]], np.int32)
+    scaling = RopeScalingConfig(kind="llama3", factor=8.0, original_max_len=64)
+    for sc in (None, scaling):
+        inv = rope_inv_freq(16, 10000.0, sc).astype(np.float64)
+        ang = pos[..., None] * inv
+        s, c = np.sin(ang)[:, :, None], np.cos(ang)[:, :, None]
+        want = np.concatenate([x[..., :8] * c - x[..., 8:] * s, x[..., 8:] * c + x[..., :8] * s], -1)
+        got = np.asarray(jax.jit(lambda a, p: apply_rope(a, p, 10000.0, sc))(x, pos))
+        np.testing.assert_allclose(got, want, atol=2e-6)
+    # llama3 scaling leaves the fastest frequencies, divides the slowest by `factor`.
+    plain, scaled = rope_inv_freq(16, 10000.0), rope_inv_freq(16, 10000.0, scaling)
+    assert scaled[0] == plain[0] and np.isclose(scaled[-1], plain[-1] / 8.0)
+
+
 def test_sinusoidal_and_alibi_tables_match_papers():
     pos = jnp.arange(6)[None]
     got = np.asarray(sinusoidal_table(pos, 8))[0]
