@@ -42,6 +42,7 @@ class ScoreOpts(NamedTuple):
     softcap: float | None = None  # C * tanh(s / C) (Gemma-2)
     sink_N: jax.Array | None = None  # per-head sink logit (gpt-oss)
     monitor: bool = False  # sow the largest attention logit (model.monitor_logits)
+    query_block: int = 0  # the mask is causal in index order: skip its masked blocks (attention_core)
 
 
 def _scale(opts: ScoreOpts, h: int) -> float:
@@ -125,7 +126,8 @@ def fused_attention(
     if bias_BNTS is not None or dropout or module.is_mutable_collection("intermediates"):
         return einsum_attention(module, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, deterministic, opts)
     out = attention_core.causal_core(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, module.cfg.matmul_dtype, scale=opts.scale,
-                                     softcap=opts.softcap, sink_N=opts.sink_N, want_max=opts.monitor)  # fmt: skip
+                                     softcap=opts.softcap, sink_N=opts.sink_N, want_max=opts.monitor,
+                                     query_block=opts.query_block)  # fmt: skip
     if opts.monitor:
         out, smax_BK = out
         channels.add_metric(module, "attn_logit_max", jnp.max(smax_BK))
@@ -232,6 +234,8 @@ class CausalSelfAttention(nn.Module):
         k_BSKH, v_BSKH, mask_B1TS, key_pos_BS = self.keys(k_BTKH, v_BTKH, ctx)
         bias_BNTS = self.positional().bias(ctx.positions_BT, key_pos_BS, a.n_heads)  # ALiBi; else None
         opts = score_opts(self, self.cfg, a.n_heads)
+        if not ctx.decoding:  # a full-sequence pass: the mask (causal, windowed) hides every later key
+            opts = opts._replace(query_block=a.query_block)
         out_BTNH = attend(self, q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, ctx.deterministic, opts)
         return self.out_proj(out_BTNH)
 

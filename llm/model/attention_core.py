@@ -18,6 +18,10 @@ Options (each with its backward here, so the kinds that use them keep the fast p
 - `scale`: the score scale when it is not 1/sqrt(q's head dim) (MLA's absorbed decode).
 - `want_max`: also return the largest valid (capped) score per batch row and kv head, for the
   instability monitor.
+- `query_block` (`model.attention.query_block`): for a causal mask in a full-sequence pass (no
+  query sees a later key; the caller vouches), query rows go in blocks of this many, each against
+  the keys up to its block's end only: of n blocks' score work (n + 1) / 2n is done (3/4 at n = 2),
+  the masked rest is skipped. Each block is the same core with its own backward; results are equal.
 q and k share a head dim; v's may differ (MLA).
 
 Layouts: B batch, K kv heads, G query heads per kv head, Q = G*T query rows of one kv head (GQA
@@ -36,14 +40,29 @@ NEG_INF = -1e30
 
 
 def causal_core(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, matmul_dtype=None, *, scale=None, softcap=None, sink_N=None,
-                want_max: bool = False):  # fmt: skip
+                want_max: bool = False, query_block: int = 0):  # fmt: skip
     """softmax(q k^T * scale, masked) v for N query and K key/value heads; [B, T, N, Hv] out
     (and, with want_max, the max valid score [B, K]).
 
     Matmul inputs are in `matmul_dtype` when given (autocast) or the inputs' dtype; scores,
-    softmax and accumulation are f32; the result has q's dtype.
+    softmax and accumulation are f32; the result has q's dtype. `query_block` > 0 asserts the mask
+    is causal in index order (see the module docstring) and skips its masked upper blocks.
     """
     b, t, n, h = q_BTNH.shape
+    if 0 < query_block < t and t == k_BSKH.shape[1] and t % query_block == 0:
+        kw = dict(
+            scale=h**-0.5 if scale is None else scale, softcap=softcap, sink_N=sink_N, want_max=want_max
+        )
+        blocks = [
+            causal_core(q_BTNH[:, i : i + query_block], k_BSKH[:, : i + query_block], v_BSKH[:, : i + query_block],
+                        mask_B1TS[:, :, i : i + query_block, : i + query_block], matmul_dtype, **kw)
+            for i in range(0, t, query_block)
+        ]  # fmt: skip
+        if not want_max:
+            return jnp.concatenate(blocks, axis=1)
+        return jnp.concatenate([o for o, _ in blocks], axis=1), jnp.max(
+            jnp.stack([m for _, m in blocks]), axis=0
+        )
     kv, hv = k_BSKH.shape[2], v_BSKH.shape[-1]
     g = n // kv
     out_dtype = q_BTNH.dtype

@@ -80,6 +80,9 @@ class AttentionConfig:
     head_dim: int | None = None  # None = d_model // n_heads
     dropout: float = 0.0  # on attention probabilities
     impl: str = "fused"  # registry ATTENTION_IMPL: fused (default) | einsum (autodiff reference) | jax
+    # impl=fused, full-sequence passes: query rows in blocks of this many, each attending only to keys
+    # up to its block's end, so the causally masked upper blocks are never computed (0 = one block)
+    query_block: int = 128
     qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (OLMo-2, Gemma-3)
     logit_softcap: float | None = None  # C * tanh(score / C) (Gemma-2); None = off
     sinks: bool = False  # a learned per-head logit in the softmax denominator (gpt-oss, StreamingLLM)
@@ -271,6 +274,9 @@ class ModelConfig:
         _check(self.final_logit_softcap is None or self.final_logit_softcap > 0,
                f"model.final_logit_softcap={self.final_logit_softcap} must be > 0 (or unset)")  # fmt: skip
         _check(a.nope_every >= 0, "model.attention.nope_every must be >= 0 (0 = off)")
+        _check(
+            a.query_block >= 0, f"model.attention.query_block={a.query_block} must be >= 0 (0 = one block)"
+        )
         _check(self.head in ("lm", "classifier"), f"model.head={self.head!r}: choose lm or classifier")
         _check(self.pool in ("last", "mean"), f"model.pool={self.pool!r}: choose last or mean")
         _check(self.n_classes >= 2, f"model.n_classes={self.n_classes} must be >= 2")
