@@ -173,7 +173,8 @@ def test_aot_check_config_errors_are_one_line(repo_root):
 README_FLAG_VALUES = {
     "model.positional": "rope", "model.rope_theta": 500000.0, "model.norm": "rmsnorm", "model.norm_eps": 1e-6,
     "model.norm_position": "post", "model.mlp": "swiglu", "model.d_ff": 96, "model.attention.n_heads": 8,
-    "model.attention.n_kv_heads": 2, "model.attention.impl": "einsum", "model.use_bias": False,
+    "model.attention.n_kv_heads": 2, "model.attention.impl": "einsum", "model.attention.query_block": 64,
+    "model.use_bias": False,
     "model.tie_embeddings": False, "model.dropout": 0.1, "model.attention.dropout": 0.05,
     "model.dtype": "bfloat16", "model.param_dtype": "bfloat16", "model.matmul_dtype": "bfloat16",
     "model.d_model": 128, "model.n_layers": 3, "model.max_seq_len": 96, "model.scan_layers": True,
