@@ -1,6 +1,6 @@
-import dataclasses
-
 """The analytic FLOP count against independent counts (the params tree, XLA), peaks and MFU rows."""
+
+import dataclasses
 
 import flax.linen as nn
 import jax
