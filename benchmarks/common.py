@@ -283,3 +283,29 @@ def median(xs: list[float]) -> float:
     s = sorted(xs)
     n = len(s)
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def step_config(name: str, precision: str = "fp32"):
+    """The run config (ml_collections) of a benchmark shape: configs/shakespeare.py with the
+    shape's size and layout (`LAYOUTS`, which the PyTorch reference builds too), byte tokenizer
+    (the step does not depend on it), no dropout (the reference has none). bf16 = autocast as
+    torch.autocast: bf16 matmul inputs with f32 accumulation, f32 activations, norms and
+    elementwise math (all-bf16 activations: variant 'allbf16:model.dtype=bfloat16')."""
+    from configs import shakespeare  # noqa: PLC0415
+
+    shape = CONFIGS[name]
+    c = shakespeare.get_config()
+    c.model.d_model, c.model.n_layers, c.model.attention.n_heads = (
+        shape.d_model,
+        shape.n_layers,
+        shape.n_heads,
+    )
+    c.model.vocab_size, c.model.max_seq_len, c.data.seq_len = shape.vocab, shape.seq_len, shape.seq_len
+    c.model.dtype = "float32"
+    c.model.matmul_dtype = "bfloat16" if precision == "bf16" else None
+    c.model.dropout = 0.0
+    for key, value in LAYOUTS[shape.layout].items():
+        c.model[key] = value
+    c.data.tokenizer.kind = "byte"
+    c.train.batch_size = shape.batch
+    return c

@@ -40,24 +40,12 @@ import numpy as np  # noqa: E402
 def build(config: str, sets: dict[str, str], options: dict[str, str]):
     from train_throughput import synthetic_batch  # noqa: PLC0415
 
-    from configs import shakespeare  # noqa: PLC0415
     from llm.config import from_config_dict  # noqa: PLC0415
     from llm.train import loop  # noqa: PLC0415
     from llm.train import state as state_lib  # noqa: PLC0415
 
     shape = common.CONFIGS[config]
-    c = shakespeare.get_config()
-    c.model.d_model, c.model.n_layers, c.model.attention.n_heads = (
-        shape.d_model,
-        shape.n_layers,
-        shape.n_heads,
-    )
-    c.model.vocab_size, c.model.max_seq_len, c.data.seq_len = shape.vocab, shape.seq_len, shape.seq_len
-    c.model.dtype, c.model.dropout = "float32", 0.0
-    for key, value in common.LAYOUTS[shape.layout].items():
-        c.model[key] = value
-    c.data.tokenizer.kind = "byte"
-    c.train.batch_size = shape.batch
+    c = common.step_config(config)
     for key, value in sets.items():
         common.set_path(c, key, value)
     exp = loop.build(from_config_dict(c), tempfile.mkdtemp(prefix="step_ab_"))

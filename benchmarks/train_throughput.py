@@ -80,31 +80,12 @@ def jax_worker(config: str, precision: str, settings: str, cache: bool) -> None:
     runtime.setup()
     if not cache:  # time a real compile, not a persistent-cache hit
         jax.config.update("jax_enable_compilation_cache", False)
-    from configs import shakespeare  # noqa: PLC0415
     from llm.config import from_config_dict  # noqa: PLC0415
     from llm.train import loop  # noqa: PLC0415
     from llm.train import state as state_lib  # noqa: PLC0415
 
     shape = common.CONFIGS[config]
-    c = shakespeare.get_config()
-    c.model.d_model, c.model.n_layers, c.model.attention.n_heads = (
-        shape.d_model,
-        shape.n_layers,
-        shape.n_heads,
-    )
-    c.model.vocab_size, c.model.max_seq_len, c.data.seq_len = shape.vocab, shape.seq_len, shape.seq_len
-    # bf16 = autocast-style like the torch.autocast reference: matmul inputs in bf16 (f32
-    # accumulation), activations, norms and elementwise math in f32. All-bf16 activations
-    # (model.dtype=bfloat16) can be timed as a variant: 'allbf16:model.dtype=bfloat16'.
-    c.model.dtype = "float32"
-    c.model.matmul_dtype = "bfloat16" if precision == "bf16" else None
-    c.model.dropout = 0.0  # the PyTorch reference has no dropout
-    # The shape's layout (common.LAYOUTS), which the PyTorch reference builds too: gpt2 for gpt12m
-    # and gpt100m, llama (RoPE/RMSNorm/SwiGLU, no biases: configs/shakespeare.py's) for shakespeare.
-    for key, value in common.LAYOUTS[shape.layout].items():
-        c.model[key] = value
-    c.data.tokenizer.kind = "byte"  # the step does not depend on the tokenizer; skip training one
-    c.train.batch_size = shape.batch
+    c = common.step_config(config, precision)
     for key, value in opts.items():
         common.set_path(c, key, value)
     cfg = from_config_dict(c)
