@@ -15,3 +15,21 @@ def rope_direct_sine():
         return jnp.sin(angles_BTh), jnp.cos(angles_BTh)
 
     positional.rope_sin_cos = direct
+
+
+def tied_head_folded_transposes():
+    """The tied head's table gradient as (x^T g)^T without barriers (before 2026-12-01): XLA folds
+    the transposes into the dot, which at one CPU device leaves it off YNNPACK."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from llm.model import dots  # noqa: PLC0415
+
+    def bwd(res, g):
+        x, table = res
+        g = g.astype(x.dtype)
+        dx = jnp.einsum("...v,vd->...d", g, table, preferred_element_type=jnp.float32)
+        lead = "abcdefgh"[: x.ndim - 1]
+        d_table = jnp.einsum(f"{lead}d,{lead}v->dv", x, g, preferred_element_type=jnp.float32).T
+        return dx.astype(x.dtype), d_table.astype(table.dtype)
+
+    dots._attend.defvjp(dots._attend_fwd, bwd)

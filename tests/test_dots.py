@@ -89,3 +89,26 @@ def test_autocast_casts_matmul_inputs_and_returns_f32():
     s = dots.einsum("btkgh,bskh->bkgts", q, k, matmul_dtype="bfloat16")
     assert s.dtype == jnp.float32
     np.testing.assert_allclose(s, jnp.einsum("btkgh,bskh->bkgts", _bf16_round(q), _bf16_round(k)), **BF16_TOL)
+
+
+def _unfused_dots(compiled_text: str) -> list[str]:
+    """Dots XLA:CPU left outside a YNNPACK fusion: those run on its slow fallback kernel."""
+    comp, found = None, []
+    for line in compiled_text.splitlines():
+        if line and not line.startswith(" "):
+            comp = line.split(" ")[1 if line.startswith("ENTRY") else 0]
+        if " dot(" in line and comp and "fused_computation" not in comp:
+            found.append(line.strip()[:160])
+    return found
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's matmul library")
+def test_tied_head_table_gradient_stays_on_the_fast_matmul_path():
+    """At the default model's one-device shape XLA folded the table gradient's transposes into a dot
+    contracting the logits gradient's leading dim, which YNNPACK does not run (38 ms of a 613 ms
+    step on one core); the barriers in `_attend_bwd` keep both matmuls canonical."""
+    x, table = _rand(11, (16, 256, 256), jnp.float32), _rand(12, (2048, 256), jnp.float32)
+    loss = lambda x, t: jnp.sum(jax.nn.log_softmax(dots.attend(x, t)))  # noqa: E731
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, table).compile().as_text()
+    assert "ynn" in text  # the fast path exists in this jaxlib
+    assert _unfused_dots(text) == []
