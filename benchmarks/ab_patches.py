@@ -33,3 +33,25 @@ def tied_head_folded_transposes():
         return dx.astype(x.dtype), d_table.astype(table.dtype)
 
     dots._attend.defvjp(dots._attend_fwd, bwd)
+
+
+def dense_narrow_grad_plain():
+    """Every dense layer's weight gradient as x^T g (before 2026-12-01), also where it narrows 4x
+    (GPT-2's fc_out), where XLA transposes the wide GELU output inside the fusion that makes it."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from llm.model import dots  # noqa: PLC0415
+
+    def bwd(k, precision, res, g):
+        x, w = res
+        x2, w2 = dots._flat(x, w, k)
+        g2 = g.reshape(*g.shape[: x.ndim - k], -1).astype(x.dtype)
+        f32 = jnp.float32
+        dx = jnp.einsum("...n,kn->...k", g2, w2, precision=precision, preferred_element_type=f32)
+        lead = "abcdefgh"[: x2.ndim - 1]
+        dw = jnp.einsum(f"{lead}k,{lead}n->kn", x2, g2, precision=precision, preferred_element_type=f32)
+        return dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype).reshape(w.shape)
+
+    dots._dense = jax.custom_vjp(dots._dense.fun, nondiff_argnums=(2, 3))
+    dots._dense.defvjp(dots._dense_fwd, bwd)

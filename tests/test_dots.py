@@ -40,9 +40,15 @@ def _check(fn, ref, args, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_dense_dot_general_matches_lax(dtype):
-    x, w = _rand(0, (2, 5, 4, 8), dtype), _rand(1, (4, 8, 3, 6), dtype)  # two contracting dims
-    dn = (((2, 3), (0, 1)), ((), ()))
+@pytest.mark.parametrize(
+    "x_shape, w_shape",
+    [((2, 5, 4, 8), (4, 8, 3, 6)),  # two contracting dims
+     ((2, 5, 32), (32, 8))],  # narrows 4x: the weight gradient is taken as (g^T x)^T
+)  # fmt: skip
+def test_dense_dot_general_matches_lax(dtype, x_shape, w_shape):
+    x, w = _rand(0, x_shape, dtype), _rand(1, w_shape, dtype)
+    k = len(x_shape) - 2 if len(w_shape) == 4 else 1
+    dn = (tuple(range(len(x_shape) - k, len(x_shape))), tuple(range(k))), ((), ())
     _check(lambda a, b: dots.dot_general(a, b, dn), lambda a, b: lax.dot_general(a, b, dn), (x, w), dtype)
 
 
@@ -111,4 +117,24 @@ def test_tied_head_table_gradient_stays_on_the_fast_matmul_path():
     loss = lambda x, t: jnp.sum(jax.nn.log_softmax(dots.attend(x, t)))  # noqa: E731
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, table).compile().as_text()
     assert "ynn" in text  # the fast path exists in this jaxlib
+    assert _unfused_dots(text) == []
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's matmul library")
+def test_gelu_mlp_gradients_stay_on_the_fast_matmul_path():
+    """GPT-2's MLP (4x wide, GELU): the fc_out weight gradient taken as (g^T x)^T compiles to
+    canonical dots only, and its gradients equal plain lax math."""
+    x, w1, w2 = (
+        _rand(13, (8, 256, 96), jnp.float32),
+        _rand(14, (96, 384), jnp.float32),
+        _rand(15, (384, 96), jnp.float32),
+    )
+    dn = (((2,), (0,)), ((), ()))
+
+    def mlp(dot):
+        return lambda x, a, b: dot(jax.nn.gelu(dot(x, a, dn), approximate=True), b, dn)
+
+    _check(mlp(dots.dot_general), mlp(lax.dot_general), (x, w1, w2), jnp.float32)
+    loss = lambda *a: jnp.sum(mlp(dots.dot_general)(*a) ** 2)  # noqa: E731
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, w1, w2).compile().as_text()
     assert _unfused_dots(text) == []
