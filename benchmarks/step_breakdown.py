@@ -55,7 +55,6 @@ runtime.configure_cpu()
 import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from jax.profiler import ProfileData  # noqa: E402
 
 _OP = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([a-z][\w-]*)\((.*)")
@@ -107,24 +106,6 @@ def category(name: str, op: dict) -> str:
     return f"elementwise: {where}"
 
 
-def build(config: str, sets: dict[str, str]):
-    from train_throughput import synthetic_batch  # noqa: PLC0415
-
-    from llm.config import from_config_dict  # noqa: PLC0415
-    from llm.train import loop  # noqa: PLC0415
-    from llm.train import state as state_lib  # noqa: PLC0415
-
-    shape = common.CONFIGS[config]
-    c = common.step_config(config)
-    for key, value in sets.items():
-        common.set_path(c, key, value)
-    exp = loop.build(from_config_dict(c), tempfile.mkdtemp(prefix="step_breakdown_"))
-    state = state_lib.create_state(exp.model, exp.tx, shape.seq_len, exp.mesh, exp.rules, 0)
-    train_fn, _ = loop.compile_steps(exp)
-    batch = loop.to_global(exp, synthetic_batch(np.random.default_rng(0), shape))
-    return train_fn.lower(state, batch).compile(), state, batch, shape
-
-
 def one_core_peak() -> float:
     """GFLOP/s of a 2048^2 f32 jnp.dot on this one thread (best of 10)."""
     a = jnp.ones((2048, 2048), jnp.float32)
@@ -149,11 +130,11 @@ def main() -> None:
     args = ap.parse_args()
     runtime.setup()
     jax.config.update("jax_enable_compilation_cache", False)
-    fn, state, batch, shape = build(args.config, dict(kv.split("=", 1) for kv in args.set))
+    import step_ab  # noqa: PLC0415  (builds the step as llm.train does, warmed up)
+
+    run = step_ab.build(args.config, dict(kv.split("=", 1) for kv in args.set), {})
+    fn, state, batch, shape = run["fn"], run["state"], run["batches"][0], common.CONFIGS[args.config]
     ops = parse_hlo(fn.as_text())
-    for _ in range(3):  # warm-up: page in every buffer
-        state, _ = fn(state, batch)
-    jax.block_until_ready(state)
     trace_dir = tempfile.mkdtemp(prefix="step_breakdown_trace_")
     opts = jax.profiler.ProfileOptions()
     opts.python_tracer_level = 0
