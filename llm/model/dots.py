@@ -87,6 +87,15 @@ def _dense_fwd(x, w, k, precision):
     return y.astype(x.dtype).reshape(*x.shape[: x.ndim - k], *w.shape[k:]), (x, w)
 
 
+def _tn_transposed(a_MA, b_MB, precision=None):
+    """(a^T @ b)^T, [B, A] in f32, as one canonical dot: a^T and the [A, B] product materialised
+    behind barriers. Without them XLA folds both transposes into the dot's dimension numbers, and at
+    some shapes the dot it keeps contracts a leading dim, which YNNPACK does not take (XLA's slow
+    fallback kernel runs it; tests/test_dots.py checks that no such dot is left)."""
+    at_AM = _barrier(a_MA.T)
+    return _barrier(jnp.dot(at_AM, b_MB, precision=precision, preferred_element_type=jnp.float32)).T
+
+
 def _dense_bwd(k, precision, res, g):
     x, w = res
     x2, w2 = _flat(x, w, k)
@@ -101,9 +110,8 @@ def _dense_bwd(k, precision, res, g):
         # [M, N] instead of the wide input [M, K], which XLA would transpose inside the fusion that
         # makes it (GELU's tanh recomputed in a strided loop). gpt12m: +8.0% tokens/s (step_ab, 2
         # devices); SwiGLU's 2.75x down projection: 0.97x (its product is cheap to recompute), so
-        # not there. Barriers keep XLA from folding the transposes back into the dot (`_attend_bwd`).
-        gt_NM = _barrier(g2.reshape(-1, n).T)
-        dw = _barrier(jnp.dot(gt_NM, x2.reshape(-1, kk), precision=precision, preferred_element_type=f32)).T
+        # not there.
+        dw = _tn_transposed(g2.reshape(-1, n), x2.reshape(-1, kk), precision)
     else:
         lead = "abcdefgh"[: x2.ndim - 1]
         dw = jnp.einsum(f"{lead}k,{lead}n->kn", x2, g2, precision=precision, preferred_element_type=f32)
@@ -145,12 +153,9 @@ def _attend_bwd(res, g):
         # fallback kernel cannot run ("Unsupported element type for DotThunk"): contract g first.
         d_table = jnp.einsum(f"{lead}v,{lead}d->vd", g, x, preferred_element_type=f32)
     else:
-        # x^T materialised behind barriers, and the [D, V] result too: otherwise XLA folds both
-        # transposes into the dot's dimension numbers, and at some shapes (one CPU device, the
-        # whole batch) the dot it keeps contracts the gradient's leading dim, which YNNPACK does not
-        # take: it ran on the slow fallback (38 of 613 ms per step of the default model, one core).
-        xt_DM = _barrier(x.reshape(-1, x.shape[-1]).T)
-        d_table = _barrier(jnp.dot(xt_DM, g.reshape(-1, g.shape[-1]), preferred_element_type=f32)).T
+        # At one CPU device (the whole batch) the unbarriered form ran on XLA's slow fallback kernel:
+        # 38 of 613 ms per step of the default model on one core.
+        d_table = _tn_transposed(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
     return dx.astype(x.dtype), d_table.astype(table.dtype)
 
 
