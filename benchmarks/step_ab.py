@@ -8,6 +8,8 @@ Run (idle machine):
   .venv/bin/python benchmarks/step_ab.py 'base' 'set:model.attention.query_block=0'
   .venv/bin/python benchmarks/step_ab.py 'base' 'patch:ab_patches:rope_direct_sine'
   .venv/bin/python benchmarks/step_ab.py --config=gpt12m 'base' 'opt:xla_cpu_enable_fast_math=true'
+  .venv/bin/python benchmarks/step_ab.py --config=gpt100m --set model.matmul_dtype=bfloat16 --rounds=4 --steps=2 \
+      'base' 'patch:ab_patches:dense_narrow_grad_plain'
 Variants: `base` (the code as is), `set:key=value+key=value` (config paths), `opt:option=value+...`
 (XLA compiler options of that variant's compile), `patch:module:function` (a function in
 benchmarks/ that monkeypatches the library; patches stay applied, so list them last). Steps are
@@ -84,12 +86,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--steps", type=int, default=8, help="steps per timed block")
     ap.add_argument("--out", default=None, help="results/step_ab_<out>.json (default: the config name)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides of every variant (e.g. model.matmul_dtype=bfloat16)")  # fmt: skip
     args = ap.parse_args()
+    common_sets = dict(kv.split("=", 1) for kv in args.set)
     runtime.setup()
     jax.config.update("jax_enable_compilation_cache", False)
     runs = {}
     for v in args.variants:
-        runs[v] = build(args.config, *parse(v))
+        sets, options = parse(v)
+        runs[v] = build(args.config, {**common_sets, **sets}, options)
         print(f"built {v}", flush=True)
     blocks = {v: [] for v in runs}
     for r in range(args.rounds):
@@ -102,17 +108,21 @@ def main() -> None:
             run["state"] = state
             blocks[v].append(args.steps * run["tokens"] / (time.perf_counter() - t0))
     base = common.median(blocks[args.variants[0]])
+    # Paired ratio: each block against the base block of the same round (the two ran back to back),
+    # so load that drifts over minutes cancels; its median is the figure to quote.
+    paired = {
+        v: common.median([x / b for x, b in zip(xs, blocks[args.variants[0]])]) for v, xs in blocks.items()
+    }
     print(f"\n{args.config}, {common.host()}: median tokens/s of {args.rounds} blocks of {args.steps} steps")
     for v, xs in blocks.items():
-        print(
-            f"  {v:50s} {common.median(xs):9,.0f}  ({common.median(xs) / base:.3f}x; min {min(xs):,.0f}, max {max(xs):,.0f})"
-        )
+        print(f"  {v:50s} {common.median(xs):9,.0f}  ({common.median(xs) / base:.3f}x, paired {paired[v]:.3f}x; "
+              f"min {min(xs):,.0f}, max {max(xs):,.0f})")  # fmt: skip
     out = os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", f"step_ab_{args.out or args.config}.json"
     )
     with open(out, "w") as f:
         json.dump({"config": args.config, "host": common.host(), "rounds": args.rounds, "steps": args.steps,
-                   "date": time.strftime("%Y-%m-%d %H:%M"), "tokens_per_s": blocks,
+                   "date": time.strftime("%Y-%m-%d %H:%M"), "sets": args.set, "tokens_per_s": blocks, "paired_ratio": paired,
                    "median": {v: common.median(xs) for v, xs in blocks.items()}}, f, indent=1)  # fmt: skip
     print(f"wrote {out}")
 

@@ -14,6 +14,7 @@ left outside YNNPACK (those run on the slow fallback kernel: there should be non
 
   .venv/bin/python benchmarks/step_breakdown.py                  # the default model
   .venv/bin/python benchmarks/step_breakdown.py --config=gpt12m --set model.attention.query_block=0
+  .venv/bin/python benchmarks/step_breakdown.py --variant=patch:ab_patches:rope_direct_sine
 
 Writes results/step_breakdown_<config>.json (and .md). Needs an idle core.
 """
@@ -127,12 +128,16 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     ap.add_argument("--steps", type=int, default=5, help="traced steps")
     ap.add_argument("--top", type=int, default=15, help="slowest ops to list")
+    ap.add_argument(
+        "--variant", default="base", help="a step_ab.py variant (set:k=v, opt:k=v, patch:module:function)"
+    )
     args = ap.parse_args()
     runtime.setup()
     jax.config.update("jax_enable_compilation_cache", False)
     import step_ab  # noqa: PLC0415  (builds the step as llm.train does, warmed up)
 
-    run = step_ab.build(args.config, dict(kv.split("=", 1) for kv in args.set), {})
+    sets, options = step_ab.parse(args.variant)
+    run = step_ab.build(args.config, {**dict(kv.split("=", 1) for kv in args.set), **sets}, options)
     fn, state, batch, shape = run["fn"], run["state"], run["batches"][0], common.CONFIGS[args.config]
     ops = parse_hlo(fn.as_text())
     trace_dir = tempfile.mkdtemp(prefix="step_breakdown_trace_")
@@ -189,7 +194,7 @@ def main() -> None:
     md = "\n".join(lines) + "\n"
     common.write_results(
         f"step_breakdown_{args.config}",
-        {"config": args.config, "host": common.host(), "sets": args.set, "steps": args.steps, "wall_ms": wall_ms,
+        {"config": args.config, "host": common.host(), "sets": args.set, "variant": args.variant, "steps": args.steps, "wall_ms": wall_ms,
          "one_core_peak_gflops": peak, "model_gflop_per_step": model_gflop, "ms_per_category": dict(per_cat),
          "unfused_dots": unfused, "date": time.strftime("%Y-%m-%d %H:%M")},
         md,

@@ -135,6 +135,7 @@ def test_gelu_mlp_gradients_stay_on_the_fast_matmul_path():
         return lambda x, a, b: dot(jax.nn.gelu(dot(x, a, dn), approximate=True), b, dn)
 
     _check(mlp(dots.dot_general), mlp(lax.dot_general), (x, w1, w2), jnp.float32)
-    loss = lambda *a: jnp.sum(mlp(dots.dot_general)(*a) ** 2)  # noqa: E731
-    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, w1, w2).compile().as_text()
-    assert _unfused_dots(text) == []
+    for dot in (dots.dot_general, dots.dot_general_for("bfloat16")):  # f32, and bf16 autocast
+        loss = lambda *a, dot=dot: jnp.sum(mlp(dot)(*a) ** 2)  # noqa: E731
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, w1, w2).compile().as_text()
+        assert _unfused_dots(text) == []

@@ -105,12 +105,13 @@ def _dense_bwd(k, precision, res, g):
     # dw = x^T @ g contracts over all leading (batch, time) dims, which XLA canonicalises itself.
     dx = jnp.einsum("...n,kn->...k", g2, w2, precision=precision, preferred_element_type=f32)
     kk, n = w2.shape
-    if kk >= 4 * n:
+    if kk >= 4 * n and x.dtype == jnp.float32:
         # A layer that narrows 4x (GPT-2's fc_out): dw = (g^T @ x)^T transposes the narrow gradient
         # [M, N] instead of the wide input [M, K], which XLA would transpose inside the fusion that
-        # makes it (GELU's tanh recomputed in a strided loop). gpt12m: +8.0% tokens/s (step_ab, 2
-        # devices); SwiGLU's 2.75x down projection: 0.97x (its product is cheap to recompute), so
-        # not there.
+        # makes it (GELU's tanh recomputed in a strided loop). step_ab, 2 devices: gpt12m +8.0%,
+        # gpt100m +8%. Not in bf16 (autocast), where the plain form was faster (gpt100m 1.07-1.12x,
+        # gpt12m 1.03x: the transposed input is the bf16 cast, half the bytes), nor for SwiGLU's
+        # 2.75x down projection (0.97x: its product is cheap to recompute).
         dw = _tn_transposed(g2.reshape(-1, n), x2.reshape(-1, kk), precision)
     else:
         lead = "abcdefgh"[: x2.ndim - 1]
