@@ -55,3 +55,11 @@ def dense_narrow_grad_plain():
 
     dots._dense = jax.custom_vjp(dots._dense.fun, nondiff_argnums=(2, 3))
     dots._dense.defvjp(dots._dense_fwd, bwd)
+
+
+def rope_autodiff_backward():
+    """RoPE's backward by autodiff of the concatenate (before 2026-12-01): XLA pads each half's
+    gradient with zeros and adds them, instead of the rotation by minus the angle."""
+    from llm.model import positional  # noqa: PLC0415
+
+    positional._rotate = positional._rotate_pairs

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llm.model import AttentionConfig, ModelConfig, Transformer
-from llm.model.positional import alibi_slopes, apply_rope, sinusoidal_table
+from llm.model.positional import alibi_slopes, apply_rope, rope_inv_freq, rope_sin_cos, sinusoidal_table
 from tests import reference
 
 TOL = dict(rtol=2e-4, atol=2e-4)  # fp32 model vs float64 reference
@@ -158,6 +158,37 @@ def test_rope_tables_are_exact_at_any_position_and_with_llama3_scaling():
     # llama3 scaling leaves the fastest frequencies, divides the slowest by `factor`.
     plain, scaled = rope_inv_freq(16, 10000.0), rope_inv_freq(16, 10000.0, scaling)
     assert scaled[0] == plain[0] and np.isclose(scaled[-1], plain[-1] / 8.0)
+
+
+def test_rope_gradient_is_the_inverse_rotation():
+    """apply_rope's hand-written backward (rotation by minus the angle) against the transpose of the
+    rotation written out as a float64 matrix per position (incl. a negative one), and against jax's
+    own autodiff of the same rotation without the custom VJP; bf16 input keeps its dtype."""
+    rs = np.random.RandomState(7)
+    x = rs.randn(2, 5, 3, 8).astype(np.float32)
+    g = rs.randn(2, 5, 3, 8).astype(np.float32)
+    pos = np.array([[0, 1, 7, 300, -2], [4096, 5, 9, 11, 70_001]], np.int32)
+    got = np.asarray(jax.vjp(lambda a: apply_rope(a, pos, 10000.0), jnp.asarray(x))[1](jnp.asarray(g))[0])
+    inv = rope_inv_freq(8, 10000.0).astype(np.float64)  # float32 frequencies, as the model uses
+    want = np.zeros_like(got, dtype=np.float64)
+    for b, t in itertools.product(range(2), range(5)):
+        rot = np.zeros((8, 8))
+        for i, f in enumerate(inv):  # out[i] = x[i] c - x[i+4] s; out[i+4] = x[i+4] c + x[i] s
+            c, s = np.cos(pos[b, t] * f), np.sin(pos[b, t] * f)
+            rot[i, i], rot[i, i + 4], rot[i + 4, i + 4], rot[i + 4, i] = c, -s, c, s
+        want[b, t] = g[b, t].astype(np.float64) @ rot  # vjp of out = rot @ x: g @ rot (per head row)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+    def plain(a, p):  # the same rotation, differentiated by jax
+        sin_BTh, cos_BTh = rope_sin_cos(jnp.asarray(p), rope_inv_freq(8, 10000.0))
+        s_, c_ = sin_BTh[:, :, None], cos_BTh[:, :, None]
+        return jnp.concatenate([a[..., :4] * c_ - a[..., 4:] * s_, a[..., 4:] * c_ + a[..., :4] * s_], -1)
+
+    auto = jax.vjp(lambda a: plain(a, pos), jnp.asarray(x))[1](jnp.asarray(g))[0]
+    np.testing.assert_array_equal(got, np.asarray(auto))
+    xb = jnp.asarray(x, jnp.bfloat16)
+    gb = jax.grad(lambda a: jnp.sum(apply_rope(a, pos, 10000.0).astype(jnp.float32)))(xb)
+    assert gb.dtype == jnp.bfloat16
 
 
 def test_sinusoidal_and_alibi_tables_match_papers():
