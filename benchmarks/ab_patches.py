@@ -63,3 +63,23 @@ def rope_autodiff_backward():
     from llm.model import positional  # noqa: PLC0415
 
     positional._rotate = positional._rotate_pairs
+
+
+def _module_at(commit: str, module: str) -> None:
+    """Replace `module`'s functions by those of its source at `commit` (this repository's history)."""
+    import importlib  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = module.replace(".", "/") + ".py"
+    src = subprocess.run(
+        ["git", "show", f"{commit}:{path}"], cwd=root, check=True, capture_output=True, text=True
+    )
+    mod = importlib.import_module(module)
+    exec(compile(src.stdout, f"{path}@{commit}", "exec"), mod.__dict__)  # noqa: S102
+
+
+def attention_scale_on_scores():
+    """The fused attention core scaling the [Q, S] scores and dS (before 2026-12-01) instead of q."""
+    _module_at("91cf37e", "llm.model.attention_core")

@@ -67,12 +67,18 @@ def causal_core(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, matmul_dtype=None, *, scale=N
     g = n // kv
     out_dtype = q_BTNH.dtype
     mm = jnp.dtype(matmul_dtype) if matmul_dtype is not None and out_dtype == jnp.float32 else out_dtype
-    q_BKQH = q_BTNH.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h).astype(mm)
+    # The score scale goes into q ([B, K, Q, H], fused into its layout copy; autodiff scales dq the
+    # same way) rather than onto the 4x larger [Q, S] scores and their gradient, where XLA:CPU read
+    # a materialised broadcast of the scalar in the backward's dS pass.
+    scale = h**-0.5 if scale is None else float(scale)
+    q_BKQH = (
+        q_BTNH.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h) * scale
+    ).astype(mm)
     kt_BKHS = k_BSKH.transpose(0, 2, 3, 1).astype(mm)
     v_BKSH = v_BSKH.transpose(0, 2, 1, 3).astype(mm)
     # One sink logit per query row (rows are kv-head-major, then the G heads, then T).
     sink_KQ = None if sink_N is None else jnp.repeat(sink_N.astype(jnp.float32).reshape(kv, g), t, axis=1)
-    opts = (h**-0.5 if scale is None else float(scale), None if softcap is None else float(softcap), want_max)
+    opts = (None if softcap is None else float(softcap), want_max)
     o_BKQH, smax_BK = _core(opts, q_BKQH, kt_BKHS, v_BKSH, mask_B1TS, sink_KQ)
     out = o_BKQH.reshape(b, kv, g, t, hv).transpose(0, 3, 1, 2, 4).reshape(b, t, n, hv).astype(out_dtype)
     return (out, smax_BK) if want_max else out
@@ -84,10 +90,10 @@ def _mm(spec, a, b):
 
 def _scores(opts, q_BKQH, kt_BKHS, mask_B1TS):
     """f32 scores [B, K, Q, S] (capped, masked) and tanh(s / C) (None without a cap)."""
-    scale, softcap, _ = opts
+    softcap, _ = opts
     b, kv, qr, _ = q_BKQH.shape
     t, s = mask_B1TS.shape[2], kt_BKHS.shape[3]
-    s_BKQS = _mm("bkqh,bkhs->bkqs", q_BKQH, kt_BKHS) * scale
+    s_BKQS = _mm("bkqh,bkhs->bkqs", q_BKQH, kt_BKHS)
     tanh_BKQS = None
     if softcap is not None:
         tanh_BKQS = jnp.tanh(s_BKQS / softcap)
@@ -121,7 +127,7 @@ def _core_fwd(opts, q_BKQH, kt_BKHS, v_BKSH, mask_B1TS, sink_KQ):
     s_BKQS, tanh_BKQS = _scores(opts, q_BKQH, kt_BKHS, mask_B1TS)
     p_BKQS, psink_BKQ1 = _softmax(s_BKQS, sink_KQ)
     o_BKQH = _mm("bkqs,bksh->bkqh", p_BKQS.astype(v_BKSH.dtype), v_BKSH)
-    smax_BK = _score_max(s_BKQS) if opts[2] else None
+    smax_BK = _score_max(s_BKQS) if opts[1] else None
     res = (q_BKQH, kt_BKHS, v_BKSH, mask_B1TS, p_BKQS, o_BKQH, tanh_BKQS, psink_BKQ1, sink_KQ)
     return (o_BKQH, smax_BK), res
 
@@ -136,7 +142,6 @@ def _t(x):
 
 
 def _core_bwd(opts, res, cotangents):
-    scale = opts[0]
     do_BKQH = cotangents[0]  # the score max (monitoring only) has no gradient
     q_BKQH, kt_BKHS, v_BKSH, mask_B1TS, p_BKQS, o_BKQH, tanh_BKQS, psink_BKQ1, sink_KQ = res
     mm = q_BKQH.dtype
@@ -149,7 +154,6 @@ def _core_bwd(opts, res, cotangents):
     ds_BKQS = p_BKQS * (dp_BKQS - delta_BKQ1)
     if tanh_BKQS is not None:  # d(C tanh(s/C))/ds = 1 - tanh^2
         ds_BKQS = ds_BKQS * (1.0 - tanh_BKQS * tanh_BKQS)
-    ds_BKQS = ds_BKQS * scale
     # Masked scores get no gradient (p is 0 there, except in rows with nothing visible: uniform).
     b, kv, qr, s = ds_BKQS.shape
     t = mask_B1TS.shape[2]
