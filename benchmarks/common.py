@@ -36,13 +36,18 @@ def host() -> dict:
     (the same reading runs.jsonl records: llm.train.history.cpu_isa)."""
     from llm.train.history import cpu_isa  # noqa: PLC0415
 
-    name = "unknown"
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+            for ln in f:
+                key, _, value = ln.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return {"cpu": name, "cores": len(os.sched_getaffinity(0)), "isa": cpu_isa()}
+    # The model name alone does not tell CPU generations apart ("AMD EPYC" is both Zen 4, whose
+    # AVX-512 runs on 256-bit units, and Zen 5, twice its matmul rate per core): keep family/model.
+    return {"cpu": info.get("model name", "unknown"), "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
+            "cores": len(os.sched_getaffinity(0)), "isa": cpu_isa()}
 
 
 @dataclasses.dataclass(frozen=True)

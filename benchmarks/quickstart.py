@@ -41,11 +41,20 @@ def minutes(seconds: float) -> str:
     return f"{m} min {s:02d} s"
 
 
+# CPU family/model (decimal, /proc/cpuinfo) -> generation, where the model name does not say it.
+GENERATIONS = {"25/17": "Zen 4", "25/160": "Zen 4c", "26/2": "Zen 5", "26/17": "Zen 5"}
+
+
+def generation(h: dict) -> str:
+    fm = h.get("family_model")
+    return f" ({GENERATIONS.get(fm, 'family/model ' + fm)})" if fm else ""
+
+
 def render(entries: list[dict]) -> str:
     """The README block: the newest entry per CPU kind (ISA), newest first."""
-    newest: dict[str, dict] = {}
-    for e in sorted(entries, key=lambda e: e["date"]):
-        newest[e["host"]["isa"]] = e
+    newest: dict[tuple, dict] = {}
+    for e in sorted(entries, key=lambda e: e["date"]):  # one row per ISA and CPU generation
+        newest[e["host"]["isa"], e["host"].get("family_model")] = e
     rows = sorted(newest.values(), key=lambda e: e["date"], reverse=True)
     lines = [
         BEGIN,
@@ -56,7 +65,7 @@ def render(entries: list[dict]) -> str:
     for e in rows:
         h = e["host"]
         lines.append(
-            f"| {h['cpu']}, {h['isa']}, {h['cores']} cores | {e['date'][:10]}, `{e['commit'][:7]}` "
+            f"| {h['cpu']}{generation(h)}, {h['isa']}, {h['cores']} cores | {e['date'][:10]}, `{e['commit'][:7]}` "
             f"| **{minutes(e['wall_s'])}** | {e['setup_s']:.0f} s | {e['train_s']:.0f} s | {e['steps']:,} "
             f"| {e['tokens_per_sec']:,.0f} | {e['s_per_step']:.2f} | **{e['eval_bpb']:.3f}** |"
         )

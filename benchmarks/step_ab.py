@@ -12,7 +12,8 @@ Run (idle machine):
       'base' 'patch:ab_patches:dense_narrow_grad_plain'
 Variants: `base` (the code as is), `set:key=value+key=value` (config paths), `opt:option=value+...`
 (XLA compiler options of that variant's compile), `patch:module:function` (a function in
-benchmarks/ that monkeypatches the library; patches stay applied, so list them last). Steps are
+benchmarks/ that monkeypatches the library; patches stay applied, so list them last), `dev:N` (the
+step on the first N CPU devices of this process, e.g. `dev:1` against the default 2). Steps are
 built as `llm.train` builds them (benchmarks/train_throughput.py's shapes and layouts, synthetic
 batches). Writes results/step_ab_<out>.json with every block's tokens/s.
 """
@@ -39,7 +40,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def build(config: str, sets: dict[str, str], options: dict[str, str]):
+def build(config: str, sets: dict[str, str], options: dict[str, str], n_devices: int | None = None):
     from train_throughput import synthetic_batch  # noqa: PLC0415
 
     from llm.config import from_config_dict  # noqa: PLC0415
@@ -50,7 +51,8 @@ def build(config: str, sets: dict[str, str], options: dict[str, str]):
     c = common.step_config(config)
     for key, value in sets.items():
         common.set_path(c, key, value)
-    exp = loop.build(from_config_dict(c), tempfile.mkdtemp(prefix="step_ab_"))
+    devices = jax.devices()[:n_devices] if n_devices else None
+    exp = loop.build(from_config_dict(c), tempfile.mkdtemp(prefix="step_ab_"), devices)
     state = state_lib.create_state(exp.model, exp.tx, shape.seq_len, exp.mesh, exp.rules, 0)
     train_fn, _ = loop.compile_steps(exp)
     rng = np.random.default_rng(0)
@@ -63,9 +65,12 @@ def build(config: str, sets: dict[str, str], options: dict[str, str]):
 
 
 def parse(variant: str) -> tuple[dict, dict]:
-    """(config sets, compiler options) of a variant; applies a patch variant's function."""
+    """(config sets, compiler options) of a variant; applies a patch variant's function. `dev:N`
+    (the step on the first N CPU devices) is read by `devices_of`."""
     kind, _, rest = variant.partition(":")
     pairs = lambda s: dict(kv.split("=", 1) for kv in s.split("+"))  # noqa: E731
+    if kind == "dev":
+        return {}, {}
     if kind == "set":
         return pairs(rest), {}
     if kind == "opt":
@@ -75,8 +80,15 @@ def parse(variant: str) -> tuple[dict, dict]:
         getattr(importlib.import_module(module), func)()
         return {}, {}
     if variant != "base":
-        raise SystemExit(f"unknown variant {variant!r}: base | set:k=v | opt:k=v | patch:module:function")
+        raise SystemExit(f"unknown variant {variant!r}: base | set:k=v | opt:k=v | patch:module:function | dev:N")
     return {}, {}
+
+
+def devices_of(variant: str) -> int | None:
+    """`dev:N`: build the step on the first N of this process's CPU devices (the others stay idle),
+    e.g. one device with the whole 2-thread pool against the default two, in one process."""
+    kind, _, rest = variant.partition(":")
+    return int(rest) if kind == "dev" else None
 
 
 def main() -> None:
@@ -95,7 +107,7 @@ def main() -> None:
     runs = {}
     for v in args.variants:
         sets, options = parse(v)
-        runs[v] = build(args.config, {**common_sets, **sets}, options)
+        runs[v] = build(args.config, {**common_sets, **sets}, options, devices_of(v))
         print(f"built {v}", flush=True)
     blocks = {v: [] for v in runs}
     for r in range(args.rounds):

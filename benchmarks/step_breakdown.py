@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     ap.add_argument("--steps", type=int, default=5, help="traced steps")
     ap.add_argument("--top", type=int, default=15, help="slowest ops to list")
+    ap.add_argument("--out", default=None, help="results file stem (default step_breakdown_<config>)")
     ap.add_argument(
         "--variant", default="base", help="a step_ab.py variant (set:k=v, opt:k=v, patch:module:function)"
     )
@@ -193,10 +194,13 @@ def main() -> None:
     lines += ["", f"Dots outside YNNPACK (slow fallback kernel): {', '.join(unfused) if unfused else 'none'}"]
     md = "\n".join(lines) + "\n"
     common.write_results(
-        f"step_breakdown_{args.config}",
+        args.out or f"step_breakdown_{args.config}",
         {"config": args.config, "host": common.host(), "sets": args.set, "variant": args.variant, "steps": args.steps, "wall_ms": wall_ms,
          "one_core_peak_gflops": peak, "model_gflop_per_step": model_gflop, "ms_per_category": dict(per_cat),
-         "unfused_dots": unfused, "date": time.strftime("%Y-%m-%d %H:%M")},
+         "unfused_dots": unfused, "date": time.strftime("%Y-%m-%d %H:%M"),
+         "ops": [{"name": n, "ms": round(t, 3), "category": category(n, ops[n]), "shape": ops[n]["shape"],
+                  "gflop": ops[n]["flops"] * calls[n] / args.steps / 1e9, "origin": ops[n]["origin"]}
+                 for n, t in ms.most_common(150)]},
         md,
     )  # fmt: skip
 

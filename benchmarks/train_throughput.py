@@ -245,9 +245,12 @@ def run_config(name: str, args, meter_pids: list[int]) -> dict:
                               f"emulated (~0.3 GFLOP/s measured on AVX2), so the torch side is skipped")  # fmt: skip
         print(f"  {name}: {skipped['pytorch']}", flush=True)
         torch_variants = []
+    # torch.compile's compile s is a cold compile, like the project's (inductor's caches live in /tmp
+    # and would otherwise make a second run report a cache hit: 36.7 s cold vs 5.3 s for gpt12m).
+    torch_env = WORKER_ENV if args.cache else {**WORKER_ENV, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor_")}
     for label, settings in torch_variants:
         workers[label] = common.Worker(SCRIPT, ["--worker=torch", f"--config={name}", f"--precision={args.precision}",
-                                                f"--settings={settings}"], WORKER_ENV)  # fmt: skip
+                                                f"--settings={settings}"], torch_env)  # fmt: skip
     meter_pids.extend(w.pid for w in workers.values())
     meter = common.LoadMeter(meter_pids)
     info, blocks = {}, {k: [] for k in workers}
@@ -259,16 +262,23 @@ def run_config(name: str, args, meter_pids: list[int]) -> dict:
             info[label] = w.call(cmd="setup")
             info[label]["settings"] = dict(variants + torch_variants).get(label, "")
             print(f"  {name}/{label}: setup {info[label]}", flush=True)
-        for w in workers.values():
-            for _ in range(args.warmup):
+        for w in workers.values():  # warm up by steps and by time: early steps still grow the heap
+            t0, done = time.perf_counter(), 0
+            while done < args.warmup or time.perf_counter() - t0 < args.warmup_s:
                 w.call(cmd="steps", n=1)
+                done += 1
         order = list(workers)
         for r in range(args.repeats):
             for label in order if r % 2 == 0 else order[::-1]:
                 before = meter.wait_idle(args.max_load, args.max_wait)
+                # The idle workers of the other frameworks are our own process tree, invisible to
+                # the foreign-load meter: record their CPU during the block separately.
+                others = [w.pid for k, w in workers.items() if k != label]
+                sib0 = common._own_cpu(others)
                 meter.start()
                 out = workers[label].call(cmd="steps", n=n_steps)
                 during = meter.stop()
+                during["sibling_cores"] = round((common._own_cpu(others) - sib0) / out["seconds"], 3)
                 tok_s = shape.batch * shape.seq_len * n_steps / out["seconds"]
                 # Tokens per CPU-second of the worker: less sensitive than tokens/s to CPU sharing.
                 tok_cpu_s = shape.batch * shape.seq_len * n_steps / out["cpu_s"]
@@ -279,7 +289,8 @@ def run_config(name: str, args, meter_pids: list[int]) -> dict:
                                       "cpu_share": round(share, 3), "load_before": before,
                                       "load_during": during})  # fmt: skip
                 print(f"  {name}/{label} repeat {r}: {tok_s:,.0f} tok/s, {tok_cpu_s:,.0f} tok/cpu-s, cpu share {share:.2f} (foreign load "
-                      f"before {before['foreign_cores']:.2f}, during {during['foreign_cores']:.2f} cores)", flush=True)  # fmt: skip
+                      f"before {before['foreign_cores']:.2f}, during {during['foreign_cores']:.2f} cores; idle "
+                      f"sibling workers {during['sibling_cores']:.2f} cores)", flush=True)  # fmt: skip
         for label, w in workers.items():
             info[label].update(w.call(cmd="stats"))
     finally:
@@ -372,7 +383,8 @@ def markdown(result: dict) -> str:
         f"Matmul peak ({result['matmul']['n']}² {dt}, same run): "
         + ", ".join(f"{k} {v['gflops']:.0f} GFLOP/s" for k, v in peaks.items()),
         f"FLOPs per token = 6·N + 12·L·T·D from llm/flops.py (N = matmul weights incl. the tied head). Median of "
-        f"{result['repeats']} interleaved blocks after {result['warmup']} warm-up steps. Max foreign CPU load "
+        f"{result['repeats']} interleaved blocks after {result['warmup']} warm-up steps and at least "
+        f"{result.get('warmup_s', 0):.0f} s per worker. Max foreign CPU load "
         f"seen before / during timed blocks: {result['max_foreign_before']:.2f} / "
         f"{result['max_foreign_during']:.2f} cores (threshold {result['max_load']}).",
     ]
@@ -384,7 +396,8 @@ def main():
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--configs", default="gpt12m,shakespeare,gpt100m")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per worker after compiling")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per worker after compiling (at least)")
+    ap.add_argument("--warmup-s", type=float, default=10.0, help="untimed seconds per worker after compiling (at least)")
     ap.add_argument("--quick", action="store_true", help="tiny config, 1 repeat: checks that it works")
     ap.add_argument("--variant", action="append", default=[],
                     help="extra JAX variant 'NAME:k=v;k=v' with k = devices | xla (extra XLA_FLAGS) | env.VAR (an environment variable) | keepmem=0 | dots=off | attn_dots=off "
@@ -411,14 +424,14 @@ def main():
         return torch_worker(args.config, args.precision, args.settings)
 
     if args.quick:
-        args.configs, args.repeats, args.warmup, args.max_wait = "tiny", 1, 1, 0.0
+        args.configs, args.repeats, args.warmup, args.warmup_s, args.max_wait = "tiny", 1, 1, 0.0, 0.0
     own = [os.getpid()]
     meter = common.LoadMeter(own)
     start_load = meter.sample(2.0)
     print(f"foreign CPU load at start: {start_load['foreign_cores']:.2f} cores "
           f"{common.top_foreign_processes(own)}", flush=True)  # fmt: skip
     result = {
-        "precision": args.precision, "repeats": args.repeats, "warmup": args.warmup, "max_load": args.max_load,
+        "precision": args.precision, "repeats": args.repeats, "warmup": args.warmup, "warmup_s": args.warmup_s, "max_load": args.max_load,
         "date": time.strftime("%Y-%m-%d %H:%M"), "start_load": start_load,
         "machine": common.host() | {"python": platform.python_version()},
         "configs": {},
