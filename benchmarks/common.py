@@ -46,8 +46,12 @@ def host() -> dict:
         pass
     # The model name alone does not tell CPU generations apart ("AMD EPYC" is both Zen 4, whose
     # AVX-512 runs on 256-bit units, and Zen 5, twice its matmul rate per core): keep family/model.
-    return {"cpu": info.get("model name", "unknown"), "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
-            "cores": len(os.sched_getaffinity(0)), "isa": cpu_isa()}
+    return {
+        "cpu": info.get("model name", "unknown"),
+        "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
+        "cores": len(os.sched_getaffinity(0)),
+        "isa": cpu_isa(),
+    }
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,7 +80,9 @@ def parse(variant: str) -> tuple[dict, dict]:
         getattr(importlib.import_module(module), func)()
         return {}, {}
     if variant != "base":
-        raise SystemExit(f"unknown variant {variant!r}: base | set:k=v | opt:k=v | patch:module:function | dev:N")
+        raise SystemExit(
+            f"unknown variant {variant!r}: base | set:k=v | opt:k=v | patch:module:function | dev:N"
+        )
     return {}, {}
 
 

@@ -247,7 +247,11 @@ def run_config(name: str, args, meter_pids: list[int]) -> dict:
         torch_variants = []
     # torch.compile's compile s is a cold compile, like the project's (inductor's caches live in /tmp
     # and would otherwise make a second run report a cache hit: 36.7 s cold vs 5.3 s for gpt12m).
-    torch_env = WORKER_ENV if args.cache else {**WORKER_ENV, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor_")}
+    torch_env = (
+        WORKER_ENV
+        if args.cache
+        else {**WORKER_ENV, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor_")}
+    )
     for label, settings in torch_variants:
         workers[label] = common.Worker(SCRIPT, ["--worker=torch", f"--config={name}", f"--precision={args.precision}",
                                                 f"--settings={settings}"], torch_env)  # fmt: skip
@@ -396,8 +400,12 @@ def main():
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--configs", default="gpt12m,shakespeare,gpt100m")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per worker after compiling (at least)")
-    ap.add_argument("--warmup-s", type=float, default=10.0, help="untimed seconds per worker after compiling (at least)")
+    ap.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps per worker after compiling (at least)"
+    )
+    ap.add_argument(
+        "--warmup-s", type=float, default=10.0, help="untimed seconds per worker after compiling (at least)"
+    )
     ap.add_argument("--quick", action="store_true", help="tiny config, 1 repeat: checks that it works")
     ap.add_argument("--variant", action="append", default=[],
                     help="extra JAX variant 'NAME:k=v;k=v' with k = devices | xla (extra XLA_FLAGS) | env.VAR (an environment variable) | keepmem=0 | dots=off | attn_dots=off "
