@@ -83,3 +83,12 @@ def _module_at(commit: str, module: str) -> None:
 def attention_scale_on_scores():
     """The fused attention core scaling the [Q, S] scores and dS (before 2026-12-01) instead of q."""
     _module_at("91cf37e", "llm.model.attention_core")
+
+
+def normaliser_unsynced():
+    """The train step before 2026-12-06: the loss normaliser's all-reduce free to run at any point,
+    so XLA:CPU's dataflow executor could issue it on one device before the other's forward pass."""
+    from llm.train import loop, step  # noqa: PLC0415
+
+    _module_at("03ccf33", "llm.train.step")
+    loop.train_step = step.train_step

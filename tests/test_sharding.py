@@ -10,6 +10,7 @@ import os
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ from llm.config import ConfigError
 from llm.data import pipeline
 from llm.train import loop
 from llm.train import state as state_lib
+from llm.train import step as step_lib
 from tests.test_train import tiny_cfg
 
 STEPS = 10
@@ -204,3 +206,20 @@ def test_a_rule_that_does_not_divide_a_parameter_is_an_error_naming_it(tmp_path)
     exp = loop.build(cfg, str(tmp_path / "mqa"), devices=jax.devices()[:2])
     key_spec = exp.state_shardings.params["layer_0"]["attn"]["key"]["kernel"].spec
     assert tuple(key_spec) in ((None, None, None), (None,), ())  # replicated
+
+
+def test_every_device_sums_the_loss_normaliser_before_its_forward_pass():
+    """The normaliser's all-reduce is tied to the batch (an optimization barrier), so no device runs
+    ahead into its forward pass while the other blocks a shared pool thread in that all-reduce
+    (benchmarks/README.md, fifth pass: ~200 ms of an idle core in 1 of 4 default-model steps)."""
+    exp, _ = experiment("llama", (2, 1, 1))
+    batch = loop.to_global(exp, next(data_iterator(exp)))
+    fn = functools.partial(step_lib.train_step, model=exp.model, tx=exp.tx, schedule=exp.schedule)
+    jaxpr = jax.make_jaxpr(fn)(fresh_state(exp, "llama"), batch).jaxpr
+    batch_vars = dict(zip(jaxpr.invars[-len(batch) :], sorted(batch)))  # dict leaves: sorted keys
+    users = {name: [e for e in jaxpr.eqns if var in e.invars] for var, name in batch_vars.items()}
+    barrier = [e for e in users["tokens"] if e.primitive.name == "optimization_barrier"]
+    assert [e.primitive.name for e in users["tokens"]] == ["optimization_barrier"], users["tokens"]
+    # ... together with the summed normaliser (an f32 scalar) and every other batch field
+    scalars = [v for v in barrier[0].invars if v.aval.shape == () and v.aval.dtype == jnp.float32]
+    assert len(scalars) == 1 and set(batch_vars) <= set(barrier[0].invars)
