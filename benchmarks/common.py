@@ -44,8 +44,8 @@ def host() -> dict:
                 info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    # The model name alone does not tell CPU generations apart ("AMD EPYC" is both Zen 4, whose
-    # AVX-512 runs on 256-bit units, and Zen 5, twice its matmul rate per core): keep family/model.
+    # The model name alone does not tell CPU generations apart ("AMD EPYC" was both a Zen 4, whose
+    # AVX-512 runs on 256-bit units, and a newer host with 2.5x its matmul rate per core).
     return {
         "cpu": info.get("model name", "unknown"),
         "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
@@ -144,7 +144,8 @@ def _busy_jiffies() -> tuple[float, float]:
     return (user + nice + system + irq + softirq) / hz, steal / hz
 
 
-def _own_cpu(pids: list[int]) -> float:
+def own_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system, children included) used so far by these processes."""
     total = 0.0
     for pid in pids:
         try:
@@ -162,12 +163,12 @@ class LoadMeter:
         self.own = own_pids
 
     def start(self):
-        self._t, self._busy, self._own = time.perf_counter(), _busy_jiffies(), _own_cpu(self.own)
+        self._t, self._busy, self._own = time.perf_counter(), _busy_jiffies(), own_cpu(self.own)
 
     def stop(self) -> dict[str, float]:
         dt = time.perf_counter() - self._t
         busy, steal = _busy_jiffies()
-        own = _own_cpu(self.own)
+        own = own_cpu(self.own)
         foreign = max(0.0, (busy - self._busy[0]) - (own - self._own)) / dt
         return {"foreign_cores": round(foreign, 3), "steal_cores": round((steal - self._busy[1]) / dt, 3)}
 

@@ -278,11 +278,11 @@ def run_config(name: str, args, meter_pids: list[int]) -> dict:
                 # The idle workers of the other frameworks are our own process tree, invisible to
                 # the foreign-load meter: record their CPU during the block separately.
                 others = [w.pid for k, w in workers.items() if k != label]
-                sib0 = common._own_cpu(others)
+                sib0 = common.own_cpu(others)
                 meter.start()
                 out = workers[label].call(cmd="steps", n=n_steps)
                 during = meter.stop()
-                during["sibling_cores"] = round((common._own_cpu(others) - sib0) / out["seconds"], 3)
+                during["sibling_cores"] = round((common.own_cpu(others) - sib0) / out["seconds"], 3)
                 tok_s = shape.batch * shape.seq_len * n_steps / out["seconds"]
                 # Tokens per CPU-second of the worker: less sensitive than tokens/s to CPU sharing.
                 tok_cpu_s = shape.batch * shape.seq_len * n_steps / out["cpu_s"]

@@ -17,7 +17,7 @@ def configure_cpu(environ=os.environ) -> bool:
        one device's ops with too few threads to fill the cores. Flags the user already set in
        XLA_FLAGS win. Only the CPU platform is affected; GPUs/TPUs are untouched. The same on every
        2-core host measured (one device: 0.99x on Zen 4, 0.97-0.98x on an Intel AMX host, within
-       noise on Zen 5; 4 devices 0.96x on Zen 4; a larger pool, PJRT_NPROC=3/4, 0.79-0.83x).
+       noise on a newer AMD EPYC; 4 devices 0.96x on Zen 4; a larger pool, PJRT_NPROC=3/4, 0.79-0.83x).
     2. On hosts without accelerators, keeps freed host memory mapped (llm/hostmem.py) so the
        step's buffers are not page-faulted in again every step: +27-107% tokens/s in the
        train benchmarks, at the cost of a slower first compile (`LLM_KEEP_FREED_MEMORY=0` turns it off, `=1` forces it).
