@@ -200,7 +200,7 @@ def main() -> None:
          "unfused_dots": unfused, "date": time.strftime("%Y-%m-%d %H:%M"),
          "ops": [{"name": n, "ms": round(t, 3), "category": category(n, ops[n]), "shape": ops[n]["shape"],
                   "gflop": ops[n]["flops"] * calls[n] / args.steps / 1e9, "origin": ops[n]["origin"]}
-                 for n, t in ms.most_common(150)]},
+                 for n, t in ms.most_common()]},
         md,
     )  # fmt: skip
 
