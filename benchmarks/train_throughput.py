@@ -332,7 +332,7 @@ def noise_check(own: list[dict], ref: list[dict]) -> dict:
     """Estimates that hold up when the host is contended from outside this VM (other tenants):
     that slows every framework's CPU work in some blocks (tokens per CPU-second down 20-40% at full
     CPU share) without any foreign load visible here, and hits frameworks unequally (2026-12-06,
-    Zen 4: two runs of the same code gave gpt12m 1.09x and 1.34x PyTorch eager by median).
+    Zen 4: two runs of the same code gave gpt12m 1.06x and 1.40x PyTorch eager by median).
 
     - best_tokens_per_s: the fastest block, the closest to an uncontended host;
     - paired_ratio: the median over repeats of this block / the reference's block of the same repeat
